@@ -1,0 +1,25 @@
+"""pip install -e '.[cpu]' for a laptop; Vertex AI's TensorFlow containers bring TensorFlow."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="trainer",
+    version="0.1.0",
+    description="Transfer learning on images with TensorFlow, from a laptop CPU to a TPU pod.",
+    packages=find_packages(include=["trainer", "trainer.*"]),
+    python_requires=">=3.10",
+    # TensorFlow itself is an extra: the GPU and CPU builds are different distributions, and
+    # Vertex AI's prebuilt training containers already have one.
+    install_requires=[
+        "absl-py",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tensorboard",
+    ],
+    extras_require={
+        "cpu": ["tensorflow-cpu==2.21.*"],
+        "gpu": ["tensorflow[and-cuda]==2.21.*"],
+        "test": ["pytest", "h5py"],
+    },
+)

@@ -1,0 +1,109 @@
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from trainer import model
+from trainer.errors import UserError
+
+
+def trainable_count(classifier):
+    return len(classifier.model.trainable_weights)
+
+
+def test_phases_freeze_and_unfreeze_mobilenet_v2():
+    classifier = model.build("mobilenet_v2", "none", 96, num_classes=3, dropout=0.0)
+    model.set_phase(classifier, "head", 100)
+    assert trainable_count(classifier) == 2  # the head's Dense kernel and bias
+    model.set_phase(classifier, "fine_tune", 100)
+    # Layers 100+ of MobileNetV2 hold 18 trainable conv weights (BatchNorm stays frozen).
+    assert trainable_count(classifier) == 2 + 18
+    assert all(not layer.trainable for layer in classifier.backbone.layers[:100])
+    model.set_phase(classifier, "head", 100)
+    assert trainable_count(classifier) == 2
+
+
+@pytest.mark.parametrize("phase", ["head", "fine_tune"])
+def test_backbone_batchnorm_stays_in_inference_mode(phase):
+    keras.utils.set_random_seed(0)
+    classifier = model.build("mobilenet_v2", "none", 96, num_classes=2, dropout=0.0)
+    model.set_phase(classifier, phase, 100)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32)
+    training = classifier.model(images, training=True).numpy()
+    inference = classifier.model(images, training=False).numpy()
+    np.testing.assert_allclose(training, inference, rtol=1e-5, atol=1e-6)
+
+
+def test_base_weights_path_loads_the_files_weights(tmp_path):
+    keras.utils.set_random_seed(1)
+    source = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False,
+                                            weights=None)
+    path = str(tmp_path / "mobilenet_v2_no_top.weights.h5")
+    source.save_weights(path)
+    keras.utils.set_random_seed(2)
+    loaded = model.build_backbone("mobilenet_v2", path, 96)
+    assert len(loaded.weights) == len(source.weights)
+    for mine, theirs in zip(loaded.weights, source.weights):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_imagenet_weights_come_from_keras_home_without_network(tmp_path):
+    """The file Keras downloads, placed where Keras looks: the real weights='imagenet' path."""
+    script = textwrap.dedent(f"""
+        import h5py, keras, numpy as np
+        from keras.src.legacy.saving import legacy_h5_format
+        from trainer import model
+        keras.utils.set_random_seed(1)
+        source = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False,
+                                                weights=None)
+        name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+        import os; os.makedirs("{tmp_path}/models")
+        with h5py.File("{tmp_path}/models/" + name, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, source)
+        loaded = model.build_backbone("mobilenet_v2", "imagenet", 96)
+        assert all(np.array_equal(a.numpy(), b.numpy())
+                   for a, b in zip(loaded.weights, source.weights))
+        print("loaded", len(loaded.weights))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={"KERAS_HOME": str(tmp_path), "PYTHONPATH": REPO,
+                                 "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded 260" in result.stdout
+
+
+def test_weights_file_that_does_not_fit(tmp_path):
+    other = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False,
+                                           weights=None, alpha=0.5)
+    path = str(tmp_path / "alpha05.weights.h5")
+    other.save_weights(path)
+    with pytest.raises(UserError, match="does not fit mobilenet_v2 without top at 96 px"):
+        model.build_backbone("mobilenet_v2", path, 96)
+
+
+def test_bad_backbone_and_weights_choices(tmp_path):
+    with pytest.raises(UserError, match="unknown --backbone=vgg99: choose one of mobilenet_v2"):
+        model.build_backbone("vgg99", "none", 96)
+    with pytest.raises(UserError, match="small_cnn has no ImageNet weights"):
+        model.build_backbone("small_cnn", "imagenet", 96)
+    with pytest.raises(UserError, match="--base_weights=/no/such.h5 not found"):
+        model.build_backbone("mobilenet_v2", "/no/such.h5", 96)
+
+
+def test_fine_tune_at_beyond_the_backbone():
+    classifier = model.build("small_cnn", "none", 32, num_classes=2, dropout=0.0)
+    with pytest.raises(UserError, match="--fine_tune_at=50 but small_cnn has only 13 layers"):
+        model.set_phase(classifier, "fine_tune", 50)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet50"])
+def test_other_backbones_build_with_their_preprocessing(name):
+    classifier = model.build(name, "none", 64, num_classes=2, dropout=0.0)
+    model.set_phase(classifier, "fine_tune", model.BACKBONES[name].fine_tune_at)
+    assert 2 < trainable_count(classifier) < len(classifier.model.weights)
+    assert classifier.model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 2)

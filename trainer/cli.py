@@ -1,0 +1,26 @@
+"""Running an absl main so that user errors end as one line on stderr and exit status 2."""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from trainer.errors import UserError
+
+
+def _parse(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"error: {error}; see --helpfull\n")
+        sys.exit(2)
+
+
+def run_main(main):
+    def guarded(argv):
+        try:
+            main(argv)
+        except UserError as error:
+            sys.stderr.write(f"error: {error}\n")
+            sys.exit(2)
+    app.run(guarded, flags_parser=_parse)

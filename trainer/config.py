@@ -1,0 +1,191 @@
+"""The job's configuration: one dataclass, YAML presets, absl flags that override them.
+
+Precedence, lowest first: the dataclass defaults (or the built-in smoke preset when neither
+--config nor --data is given), then the YAML file named by --config, then every flag given on
+the command line or in a --flagfile.
+"""
+
+import dataclasses
+import os
+import typing
+
+from absl import flags
+import yaml
+
+from trainer import files
+from trainer.errors import UserError
+
+STRATEGIES = ("auto", "cpu", "gpu", "multiworker", "tpu")
+
+
+def _field(default, help_text, choices=None):
+    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+@dataclasses.dataclass
+class Config:
+    data: str = _field("", "Dataset: an image folder ROOT with train/<class>/* (and optionally "
+                       "validation/<class>/*), local or gs://; or 'demo' for the generated demo set.")
+    model_dir: str = _field("", "Where checkpoints, logs, exports and metrics go (local or gs://). "
+                            "Default: $AIP_MODEL_DIR, else ./runs/<config name>.")
+    strategy: str = _field("auto", "Distribution strategy.", STRATEGIES)
+    tpu: str = _field("", "TPU to use with --strategy=tpu: 'local' on a TPU VM, a name, or "
+                      "grpc://host:port. Default: $TPU_NAME.")
+    backbone: str = _field("mobilenet_v2", "Pretrained backbone (see trainer/model.py BACKBONES).")
+    base_weights: str = _field("imagenet", "Backbone weights: 'imagenet', 'none', or the path "
+                               "(local or gs://) of a Keras weights file of the backbone without top.")
+    image_size: int = _field(160, "Images are resized to image_size x image_size.")
+    batch_size: int = _field(32, "Global batch size, summed over all replicas.")
+    epochs: int = _field(10, "Epochs of phase 1: the head alone, backbone frozen.")
+    fine_tune_epochs: int = _field(10, "Epochs of phase 2: top of the backbone unfrozen; 0 skips it.")
+    fine_tune_at: typing.Optional[int] = _field(
+        None, "Phase 2 trains backbone layers from this index upward. Default: per backbone.")
+    learning_rate: float = _field(1e-4, "Adam learning rate of phase 1.")
+    fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of phase 2.")
+    dropout: float = _field(0.2, "Dropout rate before the classification layer.")
+    validation_split: float = _field(0.2, "Fraction of train/ held out for validation when the "
+                                     "data has no validation/ folder.")
+    seed: int = _field(42, "Seed for initialisation, the validation split and shuffling.")
+    checkpoint_every_steps: int = _field(0, "Also checkpoint every N training steps "
+                                         "(0: at the end of each epoch only).")
+
+    def problems(self):
+        """(field, message) for each value no job can run with."""
+        found = []
+        for field in dataclasses.fields(self):
+            choices = field.metadata["choices"]
+            if choices and getattr(self, field.name) not in choices:
+                found.append((field.name, f"is not one of {', '.join(choices)}"))
+        for name in ("image_size", "batch_size", "learning_rate", "fine_tune_learning_rate"):
+            if getattr(self, name) <= 0:
+                found.append((name, "must be positive"))
+        for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps"):
+            if getattr(self, name) < 0:
+                found.append((name, "must be 0 or more"))
+        if self.epochs + self.fine_tune_epochs == 0:
+            found.append(("epochs", "and fine_tune_epochs are both 0: nothing to train"))
+        if not 0 < self.validation_split < 1:
+            found.append(("validation_split", "must be between 0 and 1"))
+        if not 0 <= self.dropout < 1:
+            found.append(("dropout", "must be in [0, 1)"))
+        if self.fine_tune_at is not None and self.fine_tune_at < 0:
+            found.append(("fine_tune_at", "must be 0 or more"))
+        return found
+
+    def to_yaml(self):
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# What `python -m trainer.task` runs with no flags: a few-minute CPU job on generated data that
+# needs no network. small_cnn because no ImageNet weights can be fetched offline, and a random
+# MobileNetV2 passes on almost nothing of its input (pooled features ~1e-12).
+SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=96,
+             batch_size=32, epochs=5, fine_tune_epochs=3, learning_rate=1e-2,
+             fine_tune_learning_rate=1e-3)
+
+# Flags that may change between runs in one model_dir without making it a different run.
+RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "checkpoint_every_steps")
+
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
+
+
+def _base_type(field):
+    if typing.get_origin(field.type) is typing.Union:
+        return next(arg for arg in typing.get_args(field.type) if arg is not type(None))
+    return field.type
+
+
+def _coerce(field, value, source):
+    """YAML gives '1e-4' as a string and 10 where a float is meant; accept what is unambiguous."""
+    kind = _base_type(field)
+    if value is None and field.default is None:
+        return None
+    try:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"{source}: {field.name} should be {kind.__name__}, got {value!r}")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """One absl flag per Config field, plus --config and --overwrite."""
+    flags.DEFINE_string("config", None, "YAML preset (local or gs://); flags given override it.",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("overwrite", False, "Start afresh in a model_dir that holds a different run, "
+                      "deleting its checkpoints, logs, exports and metrics.", flag_values=flag_values)
+    for field in dataclasses.fields(Config):
+        help_text = field.metadata["help"]
+        if field.metadata["choices"]:
+            help_text += f" One of: {', '.join(field.metadata['choices'])}."
+        kind = _base_type(field)
+        # Strings throughout for choices so that our validator, not absl, words the error.
+        define = {str: flags.DEFINE_string, int: flags.DEFINE_integer,
+                  float: flags.DEFINE_float, bool: flags.DEFINE_bool}[kind]
+        define(field.name, field.default, help_text, flag_values=flag_values)
+
+
+def load_yaml(path):
+    """Reads a preset; every key must be a Config field."""
+    if not files.exists(path):
+        raise UserError(f"config file {path} not found: check the --config path")
+    try:
+        values = yaml.safe_load(files.read_text(path)) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}")
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of field: value")
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise UserError(f"config file {path}: unknown key '{key}' "
+                            f"(known keys: {', '.join(_FIELDS)})")
+        values[key] = _coerce(_FIELDS[key], value, f"config file {path}")
+    return values
+
+
+def config_name(config_path):
+    if config_path:
+        return os.path.splitext(os.path.basename(config_path.rstrip("/")))[0]
+    return "smoke"
+
+
+def resolve(flag_values, environ=os.environ):
+    """Builds the Config from defaults, the preset and the flags actually given."""
+    given = {name: flag_values[name].value for name in _FIELDS if flag_values[name].present}
+    config_path = flag_values["config"].value
+    values = {}
+    if config_path:
+        values.update(load_yaml(config_path))
+    elif "data" not in given:
+        values.update(SMOKE)
+    values.update(given)
+    config = Config(**values)
+    if not config.model_dir:
+        config.model_dir = environ.get("AIP_MODEL_DIR") or os.path.join(
+            "runs", config_name(config_path) if (config_path or "data" not in given) else "default")
+    for name, message in config.problems():
+        where = f"--{name}" if name in given else f"config file {config_path}: {name}"
+        raise UserError(f"{where}={getattr(config, name)!r} {message}")
+    return config
+
+
+def from_yaml_text(text, source):
+    """The Config a model_dir's config.yaml records, for comparing runs."""
+    values = yaml.safe_load(text) or {}
+    unknown = [key for key in values if key not in _FIELDS]
+    if unknown:
+        raise UserError(f"{source} has unknown keys {unknown}: it was written by another version; "
+                        f"use another --model_dir or --overwrite")
+    return Config(**values)
+
+
+def differences(old, new):
+    """Fields, other than RUN_INDEPENDENT ones, whose values differ between two configs."""
+    return [(field, getattr(old, field), getattr(new, field)) for field in _FIELDS
+            if field not in RUN_INDEPENDENT and getattr(old, field) != getattr(new, field)]

@@ -1,0 +1,46 @@
+"""The exported SavedModel: encoded image bytes in, probabilities and class names out.
+
+    serving_default(image_bytes: string[batch]) ->
+        probabilities: float32[batch, classes], classes: string[batch, classes]
+
+Decoding and resizing use the same function as training (data.decode_and_resize).
+"""
+
+import os
+
+import tensorflow as tf
+
+from trainer import data
+from trainer import files
+
+
+class _Serving(tf.Module):
+    def __init__(self, model, class_names, image_size):
+        super().__init__()
+        self.model = model
+        self.class_names = tf.constant(class_names)
+        self.image_size = image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(self, image_bytes):
+        images = tf.map_fn(lambda contents: data.decode_and_resize(contents, self.image_size),
+                           image_bytes, fn_output_signature=tf.float32)
+        probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
+        classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(image_bytes)[0], 1])
+        return {"probabilities": probabilities, "classes": classes}
+
+
+def export(model, class_names, image_size, export_dir):
+    """Writes the SavedModel beside export_dir, then renames it into place."""
+    staging = f"{export_dir}.tmp-{os.getpid()}"
+    files.remove_tree(staging)
+    module = _Serving(model, class_names, image_size)
+    tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
+    files.remove_tree(export_dir)
+    tf.io.gfile.rename(staging, export_dir)
+    return export_dir
+
+
+def load(export_dir):
+    """The serving function of an export: call it with image_bytes=<string tensor>."""
+    return tf.saved_model.load(export_dir).signatures["serving_default"]

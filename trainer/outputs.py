@@ -1,0 +1,76 @@
+"""What a job keeps in --model_dir (local or gs://), and whether a run there is new, half
+done or complete.
+
+    config.yaml  labels.txt  metrics.json  checkpoints/  logs/{train,validation}/  export/
+
+Vertex AI's AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR, when set, take the place of
+checkpoints/ and logs/.
+"""
+
+import dataclasses
+import os
+
+from trainer import config as config_lib
+from trainer import files
+from trainer.errors import UserError
+
+
+@dataclasses.dataclass
+class Layout:
+    model_dir: str
+    checkpoint_dir: str
+    log_dir: str
+
+    @classmethod
+    def of(cls, model_dir, environ=os.environ):
+        return cls(model_dir,
+                   environ.get("AIP_CHECKPOINT_DIR") or files.join(model_dir, "checkpoints"),
+                   environ.get("AIP_TENSORBOARD_LOG_DIR") or files.join(model_dir, "logs"))
+
+    def path(self, name):
+        return files.join(self.model_dir, name)
+
+    @property
+    def export_dir(self):
+        return self.path("export")
+
+
+def _wipe(layout):
+    for path in (layout.checkpoint_dir, layout.log_dir, layout.export_dir,
+                 layout.path("metrics.json"), layout.path("labels.txt"), layout.path("config.yaml")):
+        files.remove_tree(path)
+
+
+def check(layout, config, overwrite):
+    """'fresh', 'resume' or 'complete'; a different run in the same place is an error."""
+    try:
+        recorded = layout.path("config.yaml")
+        if not files.exists(recorded):
+            return "fresh"
+        if overwrite:
+            _wipe(layout)
+            return "fresh"
+        old = config_lib.from_yaml_text(files.read_text(recorded), recorded)
+        changed = config_lib.differences(old, config)
+        if changed:
+            listing = "; ".join(f"{name}: {before!r} -> {after!r}" for name, before, after in changed)
+            raise UserError(f"{layout.model_dir} holds a run with a different config ({listing}); "
+                            "use another --model_dir, or --overwrite to start afresh there")
+        metrics = layout.path("metrics.json")
+        if files.exists(metrics) and files.read_json(metrics).get("status") == "complete":
+            return "complete"
+        return "resume"
+    except UserError:
+        raise
+    except Exception as error:  # tf.errors from an unreachable bucket, most often.
+        raise UserError(f"cannot use --model_dir={layout.model_dir}: "
+                        f"{str(error).splitlines()[0]}; check the path and your access") from None
+
+
+def write_start(layout, config, class_names):
+    files.write_text(layout.path("config.yaml"), config.to_yaml())
+    files.write_text(layout.path("labels.txt"), "".join(f"{name}\n" for name in class_names))
+
+
+def write_metrics(layout, metrics):
+    files.write_json(layout.path("metrics.json"), metrics)

@@ -1,0 +1,90 @@
+"""python -m trainer.task: the transfer-learning recipe as a job.
+
+flags -> config -> strategy -> data -> model -> train the head -> fine-tune -> export.
+"""
+
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+from trainer import data  # noqa: E402
+from trainer import export  # noqa: E402
+from trainer import model  # noqa: E402
+from trainer import outputs  # noqa: E402
+from trainer import strategy as strategy_lib  # noqa: E402
+from trainer import train  # noqa: E402
+from trainer.cli import run_main  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_lib.define_flags()
+
+
+def main(argv):
+    del argv
+    began = time.time()
+    tf.get_logger().setLevel("ERROR")
+    config = config_lib.resolve(FLAGS)
+    layout = outputs.Layout.of(config.model_dir)
+    state = outputs.check(layout, config, FLAGS.overwrite)
+    if state == "complete":
+        print(f"run in {config.model_dir} is already complete; nothing to do "
+              "(use --overwrite to train again)")
+        return
+
+    strategy, kind, reason = strategy_lib.create(config.strategy, config.tpu)
+    chief = strategy_lib.is_chief(strategy)
+    logging.info("strategy %s (%s): %d replica(s), global batch %d, %d per replica", kind, reason,
+                 strategy.num_replicas_in_sync, config.batch_size,
+                 config.batch_size // strategy.num_replicas_in_sync)
+
+    folder = data.scan(config.data, config.validation_split, config.seed)
+    print(data.describe(folder), flush=True)
+
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        classifier = model.build(config.backbone, config.base_weights, config.image_size,
+                                 len(folder.class_names), config.dropout)
+    trainer = train.Trainer(config, strategy, classifier, folder, layout.checkpoint_dir,
+                            layout.log_dir, chief)
+    resumed_step = trainer.restore()
+    if resumed_step is not None:
+        print(f"resuming from epoch {resumed_step // trainer.steps_per_epoch} "
+              f"(step {resumed_step} of {trainer.total_steps})", flush=True)
+    if chief:
+        outputs.write_start(layout, config, folder.class_names)
+
+    history = trainer.fit()  # phase 1, the head, then phase 2, fine-tuning
+    trainer.close()
+
+    if chief:
+        export.export(classifier.model, folder.class_names, config.image_size, layout.export_dir)
+        final = history[-1]
+        outputs.write_metrics(layout, {
+            "status": "complete",
+            "val_accuracy": final["val_accuracy"],
+            "val_loss": final["val_loss"],
+            "history": history,
+            "epochs_completed": len(history),
+            "skipped_images": len(folder.skipped),
+            "skipped_examples": folder.skipped[:10],
+            "resumed_from_epoch": (None if resumed_step is None
+                                   else resumed_step // trainer.steps_per_epoch),
+            "resumed_from_step": resumed_step,
+            "train_images": len(folder.train),
+            "val_images": len(folder.validation),
+            "global_steps": trainer.total_steps,
+            "wall_seconds": round(time.time() - began, 1),
+        })
+        print(f"validation accuracy {final['val_accuracy']:.4f}; outputs in {config.model_dir} "
+              f"(model: {layout.export_dir})", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
