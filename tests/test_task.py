@@ -100,44 +100,71 @@ def test_different_config_in_the_same_model_dir_is_refused(smoke):
     assert open(os.path.join(model_dir, "metrics.json")).read() == before
 
 
-def _checkpoint_steps(directory):
-    return sorted(int(re.search(r"ckpt-(\d+)\.index", path).group(1))
-                  for path in glob.glob(os.path.join(directory, "ckpt-*.index")))
+def _latest_checkpoint_step(directory):
+    """The step of the checkpoint a restart would restore (the `checkpoint` state file)."""
+    try:
+        with open(os.path.join(directory, "checkpoint")) as handle:
+            return int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', handle.read()).group(1))
+    except (OSError, AttributeError):
+        return None
 
 
-def test_killed_run_resumes_where_it_stopped(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = [f"--model_dir={model_dir}", "--data=demo", "--backbone=small_cnn",
-            "--base_weights=none", "--image_size=48", "--epochs=30", "--fine_tune_epochs=2",
-            "--learning_rate=1e-2"]
-    command = [sys.executable, "-m", "trainer.task", *args]
-    job = subprocess.Popen(command, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
+def _start_and_stop(args, model_dir, ready, sig):
+    """Starts the job, waits until ready(latest checkpoint step), sends sig; returns the process
+    and its output."""
+    job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=cli_env(), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 120
-    # 12 steps an epoch: kill once epoch 3 is checkpointed, well before epoch 32.
-    while not [step for step in _checkpoint_steps(os.path.join(model_dir, "checkpoints"))
-               if step >= 36]:
-        assert job.poll() is None and time.time() < deadline, "job ended before it was killed"
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    first_output = job.stdout.read()
-    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
-    saved = _checkpoint_steps(os.path.join(model_dir, "checkpoints"))
+    while not ready(_latest_checkpoint_step(os.path.join(model_dir, "checkpoints"))):
+        assert job.poll() is None and time.time() < deadline, "job ended before it was stopped"
+        time.sleep(0.02)
+    job.send_signal(sig)
+    output, _ = job.communicate(timeout=60)
+    return job, output
 
+
+def _resume_and_check(args, model_dir, first_output, step):
+    """Reruns the command; asserts it resumed at `step` and redid no finished epoch."""
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
     process = run_module("trainer.task", *args)
     assert process.returncode == 0, process.stderr[-2000:]
-    resumed = re.search(r"resuming from epoch (\d+) \(step (\d+) of 384\)", process.stdout)
-    assert resumed, process.stdout
-    resumed_epoch, resumed_step = int(resumed.group(1)), int(resumed.group(2))
-    # The newest checkpoint, or the one before it if the kill landed while it was written.
-    assert resumed_step in saved[-2:] and resumed_step >= 36 and resumed_epoch == resumed_step // 12
-    trained_again = [int(m) for m in re.findall(r"^epoch (\d+)/32", process.stdout, re.M)]
-    assert trained_again == list(range(resumed_epoch + 1, 33))  # no finished epoch redone
+    epoch = step // 12
+    assert f"resuming from epoch {epoch} (step {step} of 384)" in process.stdout
+    before = [int(m) for m in re.findall(r"^epoch (\d+)/32", first_output, re.M)]
+    after = [int(m) for m in re.findall(r"^epoch (\d+)/32", process.stdout, re.M)]
+    assert before == list(range(1, len(before) + 1)) and len(before) <= epoch
+    assert after == list(range(epoch + 1, 33))
     metrics = read_metrics(model_dir)
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, 33))
-    assert metrics["resumed_from_epoch"] == resumed_epoch
-    assert f"epoch {resumed_epoch}/32" in first_output
+    assert (metrics["resumed_from_epoch"], metrics["resumed_from_step"]) == (epoch, step)
+
+
+def _long_job(tmp_path, *extra):
+    model_dir = str(tmp_path / "run")
+    return model_dir, [f"--model_dir={model_dir}", "--data=demo", "--backbone=small_cnn",
+                       "--base_weights=none", "--image_size=48", "--epochs=30",
+                       "--fine_tune_epochs=2", "--learning_rate=1e-2", *extra]
+
+
+def test_sigkill_mid_epoch_resumes_at_the_last_step_checkpoint(tmp_path):
+    model_dir, args = _long_job(tmp_path, "--checkpoint_every_steps=5")
+    # 12 steps an epoch: wait for a checkpoint in the middle of epoch 3 or later.
+    job, output = _start_and_stop(args, model_dir, lambda step: step and step >= 25 and step % 12,
+                                  signal.SIGKILL)
+    assert job.returncode == -signal.SIGKILL
+    step = _latest_checkpoint_step(os.path.join(model_dir, "checkpoints"))
+    assert step % 5 == 0 or step % 12 == 0
+    _resume_and_check(args, model_dir, output, step)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_there(tmp_path):
+    model_dir, args = _long_job(tmp_path)
+    job, output = _start_and_stop(args, model_dir, lambda step: step and step >= 36,
+                                  signal.SIGTERM)
+    assert job.returncode == 42, output
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+): checkpoint saved", output).group(1))
+    assert _latest_checkpoint_step(os.path.join(model_dir, "checkpoints")) == stopped
+    _resume_and_check(args, model_dir, output, stopped)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -173,3 +200,29 @@ def test_unreadable_images_are_counted_in_metrics(tmp_path):
     assert sorted(os.path.basename(path) for path in metrics["skipped_examples"]) == [
         "cut.jpg", "empty.jpg"]
     assert (metrics["train_images"], metrics["val_images"]) == (16, 6)
+
+
+def test_exploding_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "run")
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
+                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         "--epochs=2", "--fine_tune_epochs=2", "--learning_rate=1e-2",
+                         "--fine_tune_learning_rate=1e30")
+    assert process.returncode == 2
+    assert re.search(r"training loss became (nan|inf) by step 2\d .*phase fine_tune.*last good "
+                     r"checkpoint was kept", error_line(process))
+    assert _latest_checkpoint_step(os.path.join(model_dir, "checkpoints")) == 24
+
+
+@pytest.mark.parametrize("precision, policy", [("fp16", "mixed_float16"),
+                                               ("bf16", "mixed_bfloat16")])
+def test_mixed_precision_trains_and_exports(tmp_path, precision, policy):
+    model_dir = str(tmp_path / "run")
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
+                         "--backbone=small_cnn", "--base_weights=none", "--learning_rate=1e-2",
+                         f"--mixed_precision={precision}", "--image_size=32", "--epochs=2",
+                         "--fine_tune_epochs=1", "--steps_per_execution=4")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert f"{policy}, 4 step(s) per execution" in process.stdout
+    metrics = read_metrics(model_dir)
+    assert metrics["global_steps"] == 36 and metrics["val_accuracy"] > 0.5

@@ -16,6 +16,11 @@ from trainer import files
 from trainer.errors import UserError
 
 STRATEGIES = ("auto", "cpu", "gpu", "multiworker", "tpu")
+PRECISIONS = ("auto", "off", "bf16", "fp16")
+SWITCHES = ("auto", "on", "off")
+# Keras preprocessing layers by name; "tutorial" is the TF tutorial's flip + rotate.
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
+AUGMENTATION_PRESETS = {"none": (), "tutorial": ("flip", "rotate")}
 
 
 def _field(default, help_text, choices=None):
@@ -46,8 +51,21 @@ class Config:
     validation_split: float = _field(0.2, "Fraction of train/ held out for validation when the "
                                      "data has no validation/ folder.")
     seed: int = _field(42, "Seed for initialisation, the validation split and shuffling.")
+    augment: str = _field("none", "Random augmentation during training: none, tutorial "
+                          "(flip,rotate), or a comma list of " + ", ".join(AUGMENTATIONS) + ".")
+    cache_features: str = _field("auto", "Phase 1: compute the frozen backbone's features once "
+                                 "and train the head on them (auto: when no augmentation).",
+                                 SWITCHES)
+    memory_budget_mb: int = _field(2048, "Cached features larger than this go to a file in the "
+                                   "local temp dir instead of memory.")
     checkpoint_every_steps: int = _field(0, "Also checkpoint every N training steps "
                                          "(0: at the end of each epoch only).")
+    mixed_precision: str = _field("auto", "auto: bfloat16 on TPU, float16 with loss scaling on "
+                                  "GPU, off on CPU.", PRECISIONS)
+    steps_per_execution: int = _field(0, "Training steps per call into the accelerator "
+                                      "(0: auto, min(50, steps per epoch) on TPU, else 1).")
+    jit_compile: str = _field("auto", "XLA-compile the training step (auto: on for TPU only; "
+                              "it is ~10x slower on CPU).", SWITCHES)
 
     def problems(self):
         """(field, message) for each value no job can run with."""
@@ -59,7 +77,7 @@ class Config:
         for name in ("image_size", "batch_size", "learning_rate", "fine_tune_learning_rate"):
             if getattr(self, name) <= 0:
                 found.append((name, "must be positive"))
-        for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps"):
+        for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps", "steps_per_execution"):
             if getattr(self, name) < 0:
                 found.append((name, "must be 0 or more"))
         if self.epochs + self.fine_tune_epochs == 0:
@@ -70,7 +88,24 @@ class Config:
             found.append(("dropout", "must be in [0, 1)"))
         if self.fine_tune_at is not None and self.fine_tune_at < 0:
             found.append(("fine_tune_at", "must be 0 or more"))
+        unknown = [name for name in self.augmentations() if name not in AUGMENTATIONS]
+        if unknown:
+            found.append(("augment", f"names unknown augmentation(s) {unknown}: use none, "
+                                     f"tutorial, or a comma list of {', '.join(AUGMENTATIONS)}"))
+        elif self.cache_features == "on" and self.augmentations():
+            found.append(("cache_features", "cannot be 'on' with --augment: random augmentation "
+                          "changes every image each epoch, so there are no fixed features to "
+                          "store; use --cache_features=auto or --augment=none"))
         return found
+
+    def augmentations(self):
+        """The augmentation layer names --augment asks for."""
+        if self.augment in AUGMENTATION_PRESETS:
+            return AUGMENTATION_PRESETS[self.augment]
+        return tuple(name.strip() for name in self.augment.split(",") if name.strip())
+
+    def caches_features(self):
+        return self.cache_features != "off" and not self.augmentations() and self.epochs > 0
 
     def to_yaml(self):
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -84,7 +119,8 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
              fine_tune_learning_rate=1e-3)
 
 # Flags that may change between runs in one model_dir without making it a different run.
-RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "checkpoint_every_steps")
+RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "checkpoint_every_steps", "cache_features",
+                   "memory_budget_mb", "steps_per_execution", "jit_compile")
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 

@@ -200,13 +200,29 @@ def pipeline(split, order, weights, global_batch, image_size, context):
     return dataset.prefetch(AUTOTUNE)
 
 
-def distribute(strategy, split, order, weights, global_batch, image_size):
-    """A distributed dataset of (images, labels, weights) for the examples in `order`."""
+def feature_pipeline(features, labels, order, weights, global_batch, context):
+    """Like pipeline(), over stored backbone features (an array or memmap, one row per example)."""
+    per_replica = context.get_per_replica_batch_size(global_batch)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (shard(order, global_batch, context), shard(weights, global_batch, context)))
+    dataset = dataset.batch(per_replica, drop_remainder=True)
+
+    def gather(indices, batch_weights):
+        rows, batch_labels = tf.numpy_function(
+            lambda i: (features[i], labels[i]), [indices], [tf.float32, tf.int32])
+        rows.set_shape([per_replica, features.shape[1]])
+        batch_labels.set_shape([per_replica])
+        return rows, batch_labels, batch_weights
+
+    return dataset.map(gather).prefetch(AUTOTUNE)
+
+
+def distribute(strategy, global_batch, make_pipeline):
+    """A distributed dataset from make_pipeline(input_context), one pipeline per worker."""
     if global_batch % strategy.num_replicas_in_sync:
         raise UserError(f"--batch_size={global_batch} is global and must divide evenly over "
                         f"{strategy.num_replicas_in_sync} replicas")
-    return strategy.distribute_datasets_from_function(
-        lambda context: pipeline(split, order, weights, global_batch, image_size, context))
+    return strategy.distribute_datasets_from_function(make_pipeline)
 
 
 def describe(folder):

@@ -17,13 +17,15 @@ _COLOURS = ((220, 40, 40), (40, 200, 40), (40, 60, 220))
 VERSION = 1
 
 
-def _draw(kind, rng, size):
+def _draw(kind, rng, width, height):
     grey = int(rng.integers(60, 200))
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
+    image = Image.new("RGB", (width, height), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     colour = tuple(int(np.clip(c + rng.normal(0, 25), 0, 255)) for c in _COLOURS[kind])
+    size = min(width, height)
     radius = int(rng.integers(size // 4, int(size / 2.5)))
-    cx, cy = (int(v) for v in rng.integers(radius, size - radius, 2))
+    cx = int(rng.integers(radius, width - radius))
+    cy = int(rng.integers(radius, height - radius))
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     if kind == 0:
         draw.ellipse(box, fill=colour)
@@ -32,19 +34,21 @@ def _draw(kind, rng, size):
     else:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
                      fill=colour)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, (size, size, 3))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write(root, train_per_class=120, validation_per_class=30, size=128, seed=0):
-    """Writes the dataset under root (split/class/file); same arguments, same bytes."""
+def write(root, train_per_class=120, validation_per_class=30, size=(128, 128), seed=0,
+          classes=CLASSES):
+    """Writes the dataset under root (split/class/file); same arguments, same bytes.
+    size is (width, height); classes a prefix of CLASSES."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("validation", validation_per_class)):
-        for kind, name in enumerate(CLASSES):
+        for kind, name in enumerate(classes):
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for index in range(count):
-                image = _draw(kind, rng, size)
+                image = _draw(kind, rng, *size)
                 # Every fifth file a PNG, so the demo exercises more than one decoder.
                 if index % 5 == 4:
                     image.save(os.path.join(folder, f"{name}_{index:04d}.png"))

@@ -59,10 +59,11 @@ BACKBONES = {
 
 @dataclasses.dataclass
 class Classifier:
-    model: keras.Model     # raw images -> logits
+    model: keras.Model      # raw images -> (augmentation in training) -> logits
+    inference: keras.Model  # raw images -> logits, no augmentation layers: what is exported
     backbone: keras.Model
-    features: keras.Model  # raw images -> pooled backbone features
-    head: keras.Model      # pooled features -> logits
+    features: keras.Model   # raw images -> pooled backbone features
+    head: keras.Model       # pooled features -> logits
 
 
 def lookup(name):
@@ -101,7 +102,17 @@ def build_backbone(backbone_name, base_weights, image_size):
         raise
 
 
-def build(backbone_name, base_weights, image_size, num_classes, dropout):
+AUGMENTATION_LAYERS = {
+    "flip": lambda: keras.layers.RandomFlip("horizontal"),
+    "rotate": lambda: keras.layers.RandomRotation(0.2),
+    "zoom": lambda: keras.layers.RandomZoom(0.2),
+    "contrast": lambda: keras.layers.RandomContrast(0.2),
+    "translate": lambda: keras.layers.RandomTranslation(0.1, 0.1),
+}
+
+
+def build(backbone_name, base_weights, image_size, num_classes, dropout, augmentations=()):
+    """The classifier; augmentation layers act in training only, so the export has none."""
     spec = lookup(backbone_name)
     backbone = build_backbone(backbone_name, base_weights, image_size)
     images = keras.Input((image_size, image_size, 3), name="images")
@@ -116,8 +127,12 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout):
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(y)
     head = keras.Model(head_inputs, logits, name="head")
 
-    model = keras.Model(images, head(features(images)), name=f"{backbone_name}_classifier")
-    return Classifier(model, backbone, features, head)
+    augmented = images
+    for name in augmentations:
+        augmented = AUGMENTATION_LAYERS[name]()(augmented)
+    model = keras.Model(images, head(features(augmented)), name=f"{backbone_name}_classifier")
+    inference = keras.Model(images, head(features(images)), name=f"{backbone_name}_inference")
+    return Classifier(model, inference, backbone, features, head)
 
 
 def set_phase(classifier, phase, fine_tune_at):

@@ -4,6 +4,7 @@ Create the strategy before any other TensorFlow work: multi-worker collectives a
 initialisation must come first in the process.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -127,3 +128,32 @@ def is_chief(strategy):
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+@dataclasses.dataclass
+class Execution:
+    """How the training step runs on the chosen hardware."""
+    policy: str               # Keras mixed-precision policy
+    steps_per_execution: int
+    jit_compile: bool
+
+
+def execution(kind, mixed_precision, steps_per_execution, jit_compile, steps_per_epoch):
+    policy = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16", "off": "float32",
+              "auto": {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(kind, "float32")
+              }[mixed_precision]
+    if not steps_per_execution:
+        # Each call from Python to a TPU costs far more than a step; elsewhere it is cheap.
+        steps_per_execution = min(50, steps_per_epoch) if kind == "tpu" else 1
+    jit = {"on": True, "off": False, "auto": kind == "tpu"}[jit_compile]
+    return Execution(policy, steps_per_execution, jit)
+
+
+def check_paths_reachable(kind, tpu, paths):
+    """A remote TPU's hosts read and write through GCS: local paths there are another disk."""
+    if kind != "tpu" or (tpu or "local") == "local":
+        return
+    for flag, path in paths.items():
+        if path and not path.startswith("gs://"):
+            raise UserError(f"--{flag}={path} is a local path, but the TPU {tpu} runs on other "
+                            f"hosts that cannot read it: use a gs:// path")

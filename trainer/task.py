@@ -4,6 +4,7 @@ flags -> config -> strategy -> data -> model -> train the head -> fine-tune -> e
 """
 
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,9 +22,13 @@ from trainer import outputs  # noqa: E402
 from trainer import strategy as strategy_lib  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.cli import run_main  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
+
+# Exit status of a job stopped by SIGTERM after checkpointing: not done, run it again.
+PREEMPTED_EXIT_CODE = 42
 
 
 def main(argv):
@@ -38,33 +43,57 @@ def main(argv):
               "(use --overwrite to train again)")
         return
 
+    kind, _ = strategy_lib.pick(config.strategy, config.tpu)
+    strategy_lib.check_paths_reachable(kind, config.tpu, {"data": config.data,
+                                                          "model_dir": config.model_dir})
     strategy, kind, reason = strategy_lib.create(config.strategy, config.tpu)
     chief = strategy_lib.is_chief(strategy)
-    logging.info("strategy %s (%s): %d replica(s), global batch %d, %d per replica", kind, reason,
-                 strategy.num_replicas_in_sync, config.batch_size,
-                 config.batch_size // strategy.num_replicas_in_sync)
 
     folder = data.scan(config.data, config.validation_split, config.seed)
     print(data.describe(folder), flush=True)
+    steps_per_epoch = data.steps_per_epoch(len(folder.train), config.batch_size)
+    execution = strategy_lib.execution(kind, config.mixed_precision, config.steps_per_execution,
+                                       config.jit_compile, steps_per_epoch)
+    print(f"strategy {kind} ({reason}): {strategy.num_replicas_in_sync} replica(s); global batch "
+          f"{config.batch_size}, {config.batch_size // strategy.num_replicas_in_sync} per "
+          f"replica; {steps_per_epoch} steps per epoch; {execution.policy}, "
+          f"{execution.steps_per_execution} step(s) per execution, "
+          f"jit_compile {execution.jit_compile}", flush=True)
 
+    keras.mixed_precision.set_global_policy(execution.policy)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         classifier = model.build(config.backbone, config.base_weights, config.image_size,
-                                 len(folder.class_names), config.dropout)
-    trainer = train.Trainer(config, strategy, classifier, folder, layout.checkpoint_dir,
-                            layout.log_dir, chief)
+                                 len(folder.class_names), config.dropout, config.augmentations())
+    trainer = train.Trainer(config, strategy, execution, classifier, folder,
+                            layout.checkpoint_dir, layout.log_dir, chief)
     resumed_step = trainer.restore()
     if resumed_step is not None:
-        print(f"resuming from epoch {resumed_step // trainer.steps_per_epoch} "
+        print(f"resuming from epoch {resumed_step // steps_per_epoch} "
               f"(step {resumed_step} of {trainer.total_steps})", flush=True)
     if chief:
         outputs.write_start(layout, config, folder.class_names)
 
-    history = trainer.fit()  # phase 1, the head, then phase 2, fine-tuning
-    trainer.close()
+    try:
+        history = trainer.fit()  # phase 1, the head, then phase 2, fine-tuning
+    except train.Preempted as stopped:
+        trainer.close()
+        print(f"stopped by SIGTERM at step {stopped}: checkpoint saved; run the same command "
+              "to resume", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.CancelledError, tf.errors.DeadlineExceededError) as error:
+        if kind != "multiworker":
+            raise
+        raise UserError(f"another worker stopped ({error.message.splitlines()[0][:120]}); "
+                        "restart all workers with the same command to resume from the last "
+                        "checkpoint") from None
 
+    # Every worker exports (saving may need them all); only the chief's copy is kept.
+    export.export(classifier.inference, folder.class_names, config.image_size,
+                  layout.export_dir if chief else os.path.join(trainer.scratch, "export"))
+    trainer.close()
     if chief:
-        export.export(classifier.model, folder.class_names, config.image_size, layout.export_dir)
         final = history[-1]
         outputs.write_metrics(layout, {
             "status": "complete",
@@ -75,11 +104,14 @@ def main(argv):
             "skipped_images": len(folder.skipped),
             "skipped_examples": folder.skipped[:10],
             "resumed_from_epoch": (None if resumed_step is None
-                                   else resumed_step // trainer.steps_per_epoch),
+                                   else resumed_step // steps_per_epoch),
             "resumed_from_step": resumed_step,
             "train_images": len(folder.train),
             "val_images": len(folder.validation),
             "global_steps": trainer.total_steps,
+            "replicas": strategy.num_replicas_in_sync,
+            "phase_seconds": trainer.phase_seconds,
+            "cached_features": trainer.caches_features,
             "wall_seconds": round(time.time() - began, 1),
         })
         print(f"validation accuracy {final['val_accuracy']:.4f}; outputs in {config.model_dir} "

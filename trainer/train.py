@@ -10,12 +10,13 @@ exact batch where the last checkpoint was taken.
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -23,6 +24,10 @@ import tensorflow as tf
 from trainer import data
 from trainer import model as model_lib
 from trainer.errors import UserError
+
+
+class Preempted(Exception):
+    """SIGTERM arrived (a preemption or a stopped job); a checkpoint was saved at this step."""
 
 
 @dataclasses.dataclass
@@ -42,9 +47,11 @@ def phases(config):
 
 
 class Trainer:
-    def __init__(self, config, strategy, classifier, folder, checkpoint_dir, log_dir, chief):
+    def __init__(self, config, strategy, execution, classifier, folder, checkpoint_dir, log_dir,
+                 chief):
         self.config = config
         self.strategy = strategy
+        self.execution = execution
         self.classifier = classifier
         self.folder = folder
         self.chief = chief
@@ -58,6 +65,8 @@ class Trainer:
             self.optimizers = {}
             for phase in self.phases:
                 optimizer = keras.optimizers.Adam(phase.learning_rate)
+                if execution.policy == "mixed_float16":
+                    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
                 model_lib.set_phase(classifier, phase.name, self.fine_tune_at)
                 optimizer.build(classifier.model.trainable_variables)
                 self.optimizers[phase.name] = optimizer
@@ -68,13 +77,17 @@ class Trainer:
             **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()})
         self.checkpoint_dir = checkpoint_dir
         # Every worker must take part in saving; only the chief's copy is kept.
-        self._scratch = None if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+        self.scratch = None if chief else tempfile.mkdtemp(prefix="trainer-worker-")
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, checkpoint_dir if chief else self._scratch, max_to_keep=2)
+            self.checkpoint, checkpoint_dir if chief else self.scratch, max_to_keep=2)
         self.writers = None
         if chief:
             self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
                             for split in ("train", "validation")}
+        self._stop_requested = False
+        self.caches_features = config.caches_features()
+        self.phase_seconds = {}  # wall time of each phase in this process, caching included
+        self._feature_files = []
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -83,7 +96,12 @@ class Trainer:
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if not latest:
             return None
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise UserError(f"checkpoint {latest} does not fit this job "
+                            f"({str(error).splitlines()[0][:200]}); use another --model_dir or "
+                            "--overwrite") from None
         return int(self.step.numpy())
 
     def _save(self, history, sums):
@@ -92,42 +110,100 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _train_function(self, phase):
-        model = self.classifier.model
+    def _train_function(self, phase, cached):
+        """A function running `steps` training steps; returns summed (loss, correct, count,
+        stop), where stop > 0 if any worker was asked to stop. With cached features the steps
+        run the head alone: the same variables, loss and optimizer as the whole model."""
         model_lib.set_phase(self.classifier, phase.name, self.fine_tune_at)
-        variables = model.trainable_variables
+        variables = self.classifier.model.trainable_variables
+        model = self.classifier.head if cached else self.classifier.model
         optimizer = self.optimizers[phase.name]
         global_batch = self.config.batch_size
+        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-        def replica_step(images, labels, weights):
+        def replica_step(images, labels, weights, stop):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
                 per_example = keras.losses.sparse_categorical_crossentropy(
                     labels, logits, from_logits=True)
                 loss = tf.reduce_sum(per_example * weights) / global_batch
+                if scaled:
+                    loss = optimizer.scale_loss(loss)
             gradients = tape.gradient(loss, variables)
             optimizer.apply_gradients(zip(gradients, variables))
-            return _sums(labels, logits, per_example, weights)
+            # Every worker learns at this same step whether any of them was told to stop.
+            stop_anywhere = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.identity(stop))
+            return _sums(labels, logits, per_example, weights) + (stop_anywhere,)
+
+        if self.execution.jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
 
         @tf.function
-        def train_step(iterator):
-            return self._reduce(self.strategy.run(replica_step, args=next(iterator)))
+        def train_steps(iterator, steps, stop):
+            totals = tf.zeros([4])
+            for _ in tf.range(steps):
+                per_replica = self.strategy.run(replica_step, args=next(iterator) + (stop,))
+                totals += tf.stack(self._reduce(per_replica))
+            return totals
 
-        return train_step
+        return train_steps
 
     def _reduce(self, per_replica):
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for value in per_replica]
 
-    def _evaluation(self):
-        """A function computing (loss, accuracy) over the validation split, each example once."""
-        model = self.classifier.model
-        order, weights = data.evaluation_order(len(self.folder.validation), self.config.batch_size)
-        dataset = data.distribute(self.strategy, self.folder.validation, order, weights,
-                                  self.config.batch_size, self.config.image_size)
+    def _images(self, split, order, weights):
+        batch, size = self.config.batch_size, self.config.image_size
+        return data.distribute(self.strategy, batch, lambda context: data.pipeline(
+            split, order, weights, batch, size, context))
 
-        def replica_step(images, labels, weights):
-            logits = model(images, training=False)
+    def _features(self, cache, split, order, weights):
+        batch = self.config.batch_size
+        return data.distribute(self.strategy, batch, lambda context: data.feature_pipeline(
+            cache, split.labels, order, weights, batch, context))
+
+    def _extract_features(self, split):
+        """The pooled backbone features of every example, one backbone pass under the strategy,
+        gathered from all replicas so that every worker holds them all."""
+        batch = self.config.batch_size
+        order, weights = data.evaluation_order(len(split), batch)
+        iterator = iter(self._images(split, order, weights))
+        features = self.classifier.features
+
+        @tf.function
+        def extract(iterator):
+            images, _, _ = next(iterator)
+            per_replica = self.strategy.run(
+                lambda x: tf.cast(features(x, training=False), tf.float32), args=(images,))
+            return self.strategy.gather(per_replica, axis=0)
+
+        cache = self._allocate((len(split), features.output_shape[-1]))
+        for step in range(len(order) // batch):
+            # Padding rows repeat the first examples and write the same values again.
+            cache[order[step * batch:(step + 1) * batch]] = extract(iterator).numpy()
+        return cache
+
+    def _allocate(self, shape):
+        """Memory within --memory_budget_mb, else a file in the local temp dir."""
+        if np.prod(shape) * 4 <= self.config.memory_budget_mb * 2**20:
+            return np.zeros(shape, np.float32)
+        handle, path = tempfile.mkstemp(prefix="trainer-features-", suffix=".npy")
+        os.close(handle)
+        self._feature_files.append(path)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    def _evaluation(self, cache=None):
+        """A function computing (loss, accuracy) over the validation split, each example once,
+        from images or from cached features."""
+        split = self.folder.validation
+        model = self.classifier.head if cache is not None else self.classifier.model
+        order, weights = data.evaluation_order(len(split), self.config.batch_size)
+        dataset = (self._features(cache, split, order, weights) if cache is not None
+                   else self._images(split, order, weights))
+
+        def replica_step(inputs, labels, weights):
+            logits = model(inputs, training=False)
             per_example = keras.losses.sparse_categorical_crossentropy(
                 labels, logits, from_logits=True)
             return _sums(labels, logits, per_example, weights)
@@ -147,56 +223,100 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _chunk(self, step, epoch_end):
+        """Steps to run in the next call: up to steps_per_execution, never past the end of the
+        epoch or the next step checkpoint."""
+        end = epoch_end
+        every = self.config.checkpoint_every_steps
+        if every:
+            end = min(end, (step // every + 1) * every)
+        return min(self.execution.steps_per_execution, end - step)
+
     def fit(self):
-        """Trains from the current step to the end; returns the history of all epochs."""
+        """Trains from the current step to the end; returns the history of all epochs.
+
+        Raises Preempted after saving a checkpoint if SIGTERM arrives on any worker.
+        """
         start = int(self.step.numpy())
         state = json.loads(self.state.numpy().decode())
         history = state.get("history", [])
         sums = state.get("sums", [0.0, 0.0, 0.0])
         if start >= self.total_steps:
             return history
-        order = data.train_order(len(self.folder.train), self.config.batch_size,
-                                 self.config.seed, start, self.total_steps)
-        weights = np.ones(len(order), dtype=np.float32)
-        iterator = iter(data.distribute(self.strategy, self.folder.train, order, weights,
-                                        self.config.batch_size, self.config.image_size))
         every = self.config.checkpoint_every_steps
-        evaluate = self._evaluation()
-        for phase in self.phases:
-            if phase.end_epoch * self.steps_per_epoch <= start:
-                continue
-            train_step = self._train_function(phase)
-            first = max(phase.first_epoch, start // self.steps_per_epoch)
-            for epoch in range(first, phase.end_epoch):
-                began = time.time()
-                progress = _progress_bar(self.steps_per_epoch)
-                step_in_epoch = int(self.step.numpy()) - epoch * self.steps_per_epoch
-                for _ in range(step_in_epoch, self.steps_per_epoch):
-                    values = [float(value) for value in train_step(iterator)]
-                    if not math.isfinite(values[0]):
-                        raise UserError(
-                            f"training loss became {values[0]} at step {int(self.step.numpy())} "
-                            f"(epoch {epoch + 1}, phase {phase.name}); the last good checkpoint "
-                            "was kept: lower the learning rate and run again")
-                    sums = [total + value for total, value in zip(sums, values)]
-                    self.step.assign_add(1)
-                    if progress:
-                        progress.update(int(self.step.numpy()) - epoch * self.steps_per_epoch,
-                                        [("loss", sums[0] / sums[2]), ("accuracy", sums[1] / sums[2])])
-                    if every and int(self.step.numpy()) % every == 0 and \
-                            int(self.step.numpy()) % self.steps_per_epoch:
-                        self._save(history, sums)
-                val_loss, val_accuracy = evaluate()
-                seconds = time.time() - began
-                record = {"epoch": epoch + 1, "phase": phase.name, "loss": sums[0] / sums[2],
-                          "accuracy": sums[1] / sums[2], "val_loss": val_loss,
-                          "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
-                          "images_per_second": round(sums[2] / seconds, 1)}
-                history.append(record)
-                sums = [0.0, 0.0, 0.0]
-                self._save(history, sums)
-                self._log_epoch(record)
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            for phase in self.phases:
+                if phase.end_epoch * self.steps_per_epoch <= start:
+                    continue
+                phase_began = time.time()
+                first_step = max(start, phase.first_epoch * self.steps_per_epoch)
+                order = data.train_order(len(self.folder.train), self.config.batch_size,
+                                         self.config.seed, first_step,
+                                         phase.end_epoch * self.steps_per_epoch)
+                weights = np.ones(len(order), dtype=np.float32)
+                cached = self.caches_features and phase.name == "head"
+                if cached:
+                    began = time.time()
+                    train_cache = self._extract_features(self.folder.train)
+                    evaluate = self._evaluation(self._extract_features(self.folder.validation))
+                    inputs = self._features(train_cache, self.folder.train, order, weights)
+                    print(f"cached backbone features of {len(self.folder.train)} train and "
+                          f"{len(self.folder.validation)} validation images in "
+                          f"{time.time() - began:.1f}s: phase {phase.name} trains the head "
+                          "on them (--cache_features)", flush=True)
+                else:
+                    evaluate = self._evaluation()
+                    inputs = self._images(self.folder.train, order, weights)
+                iterator = iter(inputs)
+                train_steps = self._train_function(phase, cached)
+                for epoch in range(max(phase.first_epoch, start // self.steps_per_epoch),
+                                   phase.end_epoch):
+                    began = time.time()
+                    progress = _progress_bar(self.steps_per_epoch)
+                    epoch_end = (epoch + 1) * self.steps_per_epoch
+                    step = int(self.step.numpy())
+                    while step < epoch_end:
+                        steps = self._chunk(step, epoch_end)
+                        values = train_steps(iterator, tf.constant(steps),
+                                             tf.constant(float(self._stop_requested))).numpy()
+                        if not math.isfinite(values[0]):
+                            raise UserError(
+                                f"training loss became {values[0]} by step {step + steps} "
+                                f"(epoch {epoch + 1}, phase {phase.name}); the last good "
+                                "checkpoint was kept: lower the learning rate and run again")
+                        sums = [total + float(value) for total, value in zip(sums, values[:3])]
+                        step += steps
+                        self.step.assign(step)
+                        if progress:
+                            progress.update(step - epoch * self.steps_per_epoch,
+                                            [("loss", sums[0] / sums[2]),
+                                             ("accuracy", sums[1] / sums[2])])
+                        if values[3] > 0 and step < epoch_end:
+                            self._save(history, sums)
+                            raise Preempted(step)
+                        if every and step % every == 0 and step < epoch_end:
+                            self._save(history, sums)
+                    val_loss, val_accuracy = evaluate()
+                    seconds = time.time() - began
+                    record = {"epoch": epoch + 1, "phase": phase.name, "loss": sums[0] / sums[2],
+                              "accuracy": sums[1] / sums[2], "val_loss": val_loss,
+                              "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
+                              "images_per_second": round(sums[2] / seconds, 1)}
+                    history.append(record)
+                    sums = [0.0, 0.0, 0.0]
+                    self._save(history, sums)
+                    self._log_epoch(record)
+                    if values[3] > 0:
+                        raise Preempted(step)
+                self.phase_seconds[phase.name] = round(time.time() - phase_began, 2)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
         return history
+
+    def _request_stop(self, signum, frame):
+        del signum, frame
+        self._stop_requested = True
 
     def _log_epoch(self, record):
         print(f"epoch {record['epoch']}/{self.phases[-1].end_epoch} [{record['phase']}] "
@@ -211,8 +331,10 @@ class Trainer:
                 self.writers[split].flush()
 
     def close(self):
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        for path in self._feature_files:
+            os.remove(path)
 
 
 def _sums(labels, logits, per_example, weights):

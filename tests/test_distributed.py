@@ -1,0 +1,169 @@
+"""Several replicas and several workers, on this one CPU machine."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.conftest import REPO, cli_env, run_module
+
+WORKER_TIMEOUT = 240
+JOB = ["--data=demo", "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+       "--epochs=2", "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=32"]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for handle in sockets:
+        handle.bind(("127.0.0.1", 0))
+    ports = [handle.getsockname()[1] for handle in sockets]
+    for handle in sockets:
+        handle.close()
+    return ports
+
+
+def _tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _cluster_spec(ports, index):
+    pools = {"workerpool0": [f"127.0.0.1:{ports[0]}"], "workerpool1": [f"127.0.0.1:{ports[1]}"]}
+    task = {"type": "workerpool0" if index == 0 else "workerpool1", "index": 0}
+    return json.dumps({"cluster": pools, "task": task, "environment": "cloud"})
+
+
+def _launch(args, variables, tmp_path):
+    """One process per worker; each gets its own TMPDIR so leftovers can be checked."""
+    workers = []
+    for index, variable in enumerate(variables):
+        temp = tmp_path / f"tmp{index}"
+        temp.mkdir(exist_ok=True)
+        env = cli_env(TMPDIR=str(temp), **variable)
+        workers.append(subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=env,
+                                        cwd=REPO, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def _finish(workers, timeout=WORKER_TIMEOUT):
+    results = []
+    deadline = time.time() + timeout
+    try:
+        for worker in workers:
+            out, err = worker.communicate(timeout=max(1, deadline - time.time()))
+            results.append((worker.returncode, out, err))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    return results
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("single") / "run")
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--strategy=cpu", *JOB)
+    assert process.returncode == 0, process.stderr[-2000:]
+    return _metrics(model_dir)
+
+
+@pytest.mark.parametrize("variable", ["TF_CONFIG", "CLUSTER_SPEC"])
+def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
+    model_dir = str(tmp_path / "run")
+    ports = _free_ports(2)
+    make = _tf_config if variable == "TF_CONFIG" else _cluster_spec
+    workers = _launch([f"--model_dir={model_dir}", *JOB],
+                      [{variable: make(ports, index)} for index in range(2)], tmp_path)
+    results = _finish(workers)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "strategy multiworker" in results[0][1] and "2 replica(s)" in results[0][1]
+    assert all("cached backbone features of 360 train" in out for _, out, _ in results)
+    metrics = _metrics(model_dir)
+    assert metrics["global_steps"] == single_process["global_steps"] == 3 * 12
+    assert metrics["replicas"] == 2 and metrics["epochs_completed"] == 3
+    assert abs(metrics["val_accuracy"] - single_process["val_accuracy"]) <= 0.15
+    assert "validation accuracy" in results[0][1] and "validation accuracy" not in results[1][1]
+    # Only the chief wrote: the worker's scratch checkpoints and export are gone.
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.yaml", "export", "labels.txt",
+                                             "logs", "metrics.json"]
+    assert not os.listdir(tmp_path / "tmp1")
+
+
+def test_killed_worker_then_restart_of_all_completes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = [f"--model_dir={model_dir}", *JOB, "--epochs=6"]  # the last --epochs wins
+    ports = _free_ports(2)
+    variables = [{"TF_CONFIG": _tf_config(ports, index)} for index in range(2)]
+    workers = _launch(args, variables, tmp_path)
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    deadline = time.time() + WORKER_TIMEOUT
+    while not (os.path.isdir(checkpoints) and any(name.endswith(".index")
+                                                   for name in os.listdir(checkpoints))):
+        assert all(w.poll() is None for w in workers) and time.time() < deadline
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGKILL)
+    survivor_code, _, survivor_err = _finish(workers[:1])[0]
+    workers[1].wait()
+    assert survivor_code != 0
+    assert "Traceback" not in survivor_err
+    assert "restart all workers with the same command" in survivor_err
+
+    ports = _free_ports(2)
+    variables = [{"TF_CONFIG": _tf_config(ports, index)} for index in range(2)]
+    results = _finish(_launch(args, variables, tmp_path))
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert "resuming from epoch" in results[0][1]
+    metrics = _metrics(model_dir)
+    assert metrics["resumed_from_epoch"] >= 1
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, 8))
+
+
+def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
+    """Same global batch, same seed: 2 replicas must give the same weights as 1."""
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tests import images
+        from trainer import config as config_lib, data, model, strategy as strategy_lib, train
+        folder = data.scan(images.folder("{tmp_path}/data", per_class=8, size=32), 0.25, 0)
+        config = config_lib.Config(data="x", backbone="small_cnn", base_weights="none",
+                                   image_size=32, batch_size=8, epochs=2, fine_tune_epochs=1,
+                                   learning_rate=1e-2, fine_tune_learning_rate=1e-3, dropout=0.0)
+        weights = []
+        for index, strategy in enumerate([tf.distribute.get_strategy(),
+                                          tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])]):
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                classifier = model.build("small_cnn", "none", 32, 2, 0.0)
+            execution = strategy_lib.execution("cpu", "off", 1, "off", 2)
+            trainer = train.Trainer(config, strategy, execution, classifier, folder,
+                                    "{tmp_path}/ckpt%d" % index, "{tmp_path}/logs%d" % index, True)
+            history = trainer.fit()
+            print("replicas", strategy.num_replicas_in_sync, "loss", history[-1]["loss"])
+            weights.append([w.numpy() for w in classifier.model.weights])
+        for a, b in zip(*weights):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        print("same weights")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=cli_env(), cwd=REPO, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replicas = [line.split()[1] for line in result.stdout.splitlines()
+                if line.startswith("replicas")]
+    assert replicas == ["1", "2"]
+    assert "same weights" in result.stdout

@@ -1,0 +1,89 @@
+"""Phase 1 on cached backbone features, and random augmentation."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import cli_env, error_line, run_module
+from trainer import model
+
+JOB = ["--data=demo", "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+       "--epochs=3", "--fine_tune_epochs=1", "--learning_rate=1e-2", "--dropout=0.2"]
+
+
+def _train(tmp_path, name, *args, env=None):
+    model_dir = str(tmp_path / name)
+    process = run_module("trainer.task", f"--model_dir={model_dir}", *JOB, *args, env=env)
+    assert process.returncode == 0, process.stderr[-2000:]
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        return model_dir, process.stdout, json.load(handle)
+
+
+def _model_weights(model_dir):
+    """Every model variable of the final checkpoint: the head and the backbone."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    names = sorted(name for name in reader.get_variable_to_shape_map()
+                   if name.startswith("model/"))
+    assert len(names) > 10
+    return [reader.get_tensor(name) for name in names]
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("uncached"), "run", "--cache_features=off")
+
+
+def test_cached_and_uncached_phase_one_agree(tmp_path, uncached):
+    model_dir, stdout, metrics = _train(tmp_path, "cached", "--cache_features=auto")
+    assert "cached backbone features of 360 train and 90 validation images" in stdout
+    assert "cached backbone features" not in uncached[1]
+    assert metrics["cached_features"] and not uncached[2]["cached_features"]
+    for mine, theirs in zip(metrics["history"], uncached[2]["history"]):
+        assert mine["phase"] == theirs["phase"]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine)
+    for mine, theirs in zip(_model_weights(model_dir), _model_weights(uncached[0])):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    _, stdout, metrics = _train(tmp_path, "on_disk", "--cache_features=on",
+                                "--memory_budget_mb=0", env=cli_env(TMPDIR=str(temp)))
+    assert "cached backbone features" in stdout
+    for mine, theirs in zip(metrics["history"], uncached[2]["history"]):
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4, abs=1e-5)
+    assert not os.listdir(temp)  # the feature file was removed
+
+
+def test_augmentation_turns_caching_off_and_trains(tmp_path):
+    _, stdout, metrics = _train(tmp_path, "augmented", "--augment=tutorial")
+    assert "cached backbone features" not in stdout
+    assert not metrics["cached_features"] and metrics["epochs_completed"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache_features=on", "--augment=flip"], "--cache_features='on' cannot be 'on' with "
+                                                "--augment"),
+    (["--augment=flip,wobble"], "--augment='flip,wobble' names unknown augmentation(s) "
+                                "['wobble']"),
+])
+def test_bad_caching_and_augmentation_flags(tmp_path, args, message):
+    process = run_module("trainer.task", f"--model_dir={tmp_path / 'run'}", *JOB, *args)
+    assert process.returncode == 2
+    assert message in error_line(process)
+
+
+def test_augmentation_acts_in_training_only():
+    keras.utils.set_random_seed(0)
+    classifier = model.build("small_cnn", "none", 32, 2, 0.0, ("flip", "rotate", "zoom"))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    inference = classifier.model(images, training=False).numpy()
+    np.testing.assert_allclose(inference, classifier.head(classifier.features(images)).numpy(),
+                               rtol=1e-5)
+    assert not np.allclose(classifier.model(images, training=True).numpy(), inference)

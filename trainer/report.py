@@ -1,0 +1,70 @@
+"""What the job did: per-class metrics, the most confident mistakes, and report.png."""
+
+import io
+
+import numpy as np
+
+from trainer import files
+
+
+def evaluation_metrics(probabilities, labels, paths, class_names, worst=10):
+    """Confusion matrix (rows: true, columns: predicted), per-class precision/recall/F1, and
+    the validation images predicted wrong with the highest probability."""
+    predicted = probabilities.argmax(axis=1)
+    count = len(class_names)
+    confusion = np.zeros((count, count), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for index, name in enumerate(class_names):
+        hits = confusion[index, index]
+        precision = hits / max(1, confusion[:, index].sum())
+        recall = hits / max(1, confusion[index, :].sum())
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(float(precision), 4),
+                           "recall": round(float(recall), 4), "f1": round(float(f1), 4),
+                           "support": int(confusion[index, :].sum())}
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:worst]
+    mistakes = [{"path": str(paths[i]), "true": class_names[labels[i]],
+                 "predicted": class_names[predicted[i]],
+                 "probability": round(float(probabilities[i, predicted[i]]), 4)} for i in wrong]
+    return {"per_class": per_class, "confusion_matrix": confusion.tolist(),
+            "most_confident_mistakes": mistakes}
+
+
+def plot(history, confusion, class_names, path):
+    """Loss and accuracy per epoch for both phases, the phase boundary marked (as in the TF
+    tutorial's plot), and the validation confusion matrix; written as PNG to path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = pyplot.subplots(1, 3, figsize=(16, 4.8))
+    for axis, metric in zip(axes[:2], ("accuracy", "loss")):
+        axis.plot(epochs, [row[metric] for row in history], "o-", label=f"training {metric}")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-",
+                  label=f"validation {metric}")
+        head_epochs = [row["epoch"] for row in history if row["phase"] == "head"]
+        if head_epochs and len(head_epochs) < len(history):
+            axis.axvline(max(head_epochs) + 0.5, color="grey", linestyle="--",
+                         label="start fine-tuning")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric.capitalize())
+        axis.legend()
+    confusion = np.asarray(confusion)
+    axes[2].imshow(confusion, cmap="Blues")
+    axes[2].set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axes[2].set_yticks(range(len(class_names)), class_names)
+    for (row, column), value in np.ndenumerate(confusion):
+        axes[2].text(column, row, str(value), ha="center", va="center",
+                     color="white" if value > confusion.max() / 2 else "black")
+    axes[2].set_xlabel("predicted")
+    axes[2].set_ylabel("true")
+    axes[2].set_title("Validation confusion matrix")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    pyplot.close(figure)
+    with files.open_for_write(path) as handle:
+        handle.write(buffer.getvalue())
