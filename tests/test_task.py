@@ -52,6 +52,27 @@ def test_smoke_job_learns_and_writes_every_output(smoke):
     assert seconds < 180
 
 
+def test_smoke_job_reports_per_class_metrics_and_a_plot(smoke):
+    _, model_dir, _ = smoke
+    metrics = read_metrics(model_dir)
+    confusion = metrics["confusion_matrix"]
+    assert len(confusion) == 3 and sum(map(sum, confusion)) == metrics["val_images"]
+    assert sum(confusion[i][i] for i in range(3)) / 90 == pytest.approx(metrics["val_accuracy"])
+    for name in ("circles", "squares", "triangles"):
+        assert set(metrics["per_class"][name]) == {"precision", "recall", "f1", "support"}
+        assert metrics["per_class"][name]["support"] == 30
+    mistakes = metrics["most_confident_mistakes"]
+    assert len(mistakes) <= 10
+    assert all(m["true"] != m["predicted"] and 0 < m["probability"] <= 1 for m in mistakes)
+    assert [m["probability"] for m in mistakes] == sorted(
+        (m["probability"] for m in mistakes), reverse=True)
+    with open(os.path.join(model_dir, "report.png"), "rb") as handle:
+        png = handle.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 1000 and height >= 300
+
+
 def test_predict_prints_top_classes_from_the_export(smoke, cache_home):
     _, model_dir, _ = smoke
     demo = os.path.join(cache_home, "trainer", "demo_v1", "validation")

@@ -58,6 +58,10 @@ class Config:
                                  SWITCHES)
     memory_budget_mb: int = _field(2048, "Cached features larger than this go to a file in the "
                                    "local temp dir instead of memory.")
+    class_weight: str = _field("none", "auto: weight each class's loss by total / (classes x "
+                               "class count), for imbalanced data.", ("none", "auto"))
+    export_tflite: bool = _field(False, "Also write model.tflite (float32 RGB 0..255 in, "
+                                 "probabilities out) for on-device use.")
     checkpoint_every_steps: int = _field(0, "Also checkpoint every N training steps "
                                          "(0: at the end of each epoch only).")
     mixed_precision: str = _field("auto", "auto: bfloat16 on TPU, float16 with loss scaling on "
@@ -120,7 +124,7 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
 
 # Flags that may change between runs in one model_dir without making it a different run.
 RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "checkpoint_every_steps", "cache_features",
-                   "memory_budget_mb", "steps_per_execution", "jit_compile")
+                   "memory_budget_mb", "steps_per_execution", "jit_compile", "export_tflite")
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
@@ -154,6 +158,9 @@ def define_flags(flag_values=flags.FLAGS):
     """One absl flag per Config field, plus --config and --overwrite."""
     flags.DEFINE_string("config", None, "YAML preset (local or gs://); flags given override it.",
                         flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "Print the plan (strategy, batches, classes and counts, "
+                      "steps, trainable parameters, outputs) and exit without training or "
+                      "writing anything.", flag_values=flag_values)
     flags.DEFINE_bool("overwrite", False, "Start afresh in a model_dir that holds a different run, "
                       "deleting its checkpoints, logs, exports and metrics.", flag_values=flag_values)
     for field in dataclasses.fields(Config):

@@ -225,6 +225,25 @@ def distribute(strategy, global_batch, make_pipeline):
     return strategy.distribute_datasets_from_function(make_pipeline)
 
 
+IMBALANCE_RATIO = 1.5
+
+
+def imbalance(split, class_names):
+    """A warning when the largest class outnumbers the smallest by IMBALANCE_RATIO, else None."""
+    counts = np.bincount(split.labels, minlength=len(class_names))
+    if counts.max() <= IMBALANCE_RATIO * max(1, counts.min()):
+        return None
+    listing = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+    return (f"class imbalance in train: {listing} (largest/smallest {counts.max() / max(1, counts.min()):.1f}); "
+            "consider --class_weight=auto")
+
+
+def class_weights(split, num_classes):
+    """total / (classes x count) per class: each class contributes equally to the loss."""
+    counts = np.bincount(split.labels, minlength=num_classes).astype(np.float32)
+    return len(split) / (num_classes * np.maximum(counts, 1))
+
+
 def describe(folder):
     counts = lambda split: ", ".join(
         f"{name} {int(np.sum(split.labels == label))}" for label, name in enumerate(folder.class_names))

@@ -9,6 +9,7 @@ Decoding and resizing use the same function as training (data.decode_and_resize)
 import os
 
 import tensorflow as tf
+from tensorflow.python.framework import convert_to_constants
 
 from trainer import data
 from trainer import files
@@ -44,3 +45,26 @@ def export(model, class_names, image_size, export_dir):
 def load(export_dir):
     """The serving function of an export: call it with image_bytes=<string tensor>."""
     return tf.saved_model.load(export_dir).signatures["serving_default"]
+
+
+class _Probabilities(tf.Module):
+    def __init__(self, model, image_size):
+        super().__init__()
+        self.model = model
+        self.predict = tf.function(
+            lambda images: tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32)),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                                           name="images")])
+
+
+def export_tflite(model, image_size, path):
+    """model.tflite: float32 RGB 0..255 [batch, size, size, 3] in, probabilities out. Decoding
+    stays with the app: TFLite has no image decoders."""
+    module = _Probabilities(model, image_size)
+    # Weights frozen into constants first: converted as they are, Keras 3's variables stay
+    # resource reads that the interpreter leaves unset, and the model outputs NaN.
+    frozen = convert_to_constants.convert_variables_to_constants_v2(
+        module.predict.get_concrete_function())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    files.write_bytes(path, converter.convert())
+    return path

@@ -15,6 +15,13 @@ def is_remote(path):
     return "://" in path
 
 
+def bucket_root(path):
+    """gs://bucket/ of a gs:// path, or None for a local path."""
+    if not path.startswith("gs://"):
+        return None
+    return "gs://" + path[len("gs://"):].split("/", 1)[0] + "/"
+
+
 def exists(path):
     return tf.io.gfile.exists(path)
 
@@ -29,13 +36,17 @@ def read_bytes(path):
         return handle.read()
 
 
-def write_text(path, text):
+def write_bytes(path, content):
     """Writes a temporary file and renames it, so a killed job never leaves half a file."""
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
     temporary = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "w") as handle:
-        handle.write(text)
+    with tf.io.gfile.GFile(temporary, "wb") as handle:
+        handle.write(content)
     tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode())
 
 
 def write_json(path, value):

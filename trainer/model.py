@@ -12,6 +12,7 @@ import dataclasses
 import typing
 
 import keras
+import numpy as np
 
 from trainer import files
 from trainer.errors import UserError
@@ -70,6 +71,21 @@ def lookup(name):
     if name not in BACKBONES:
         raise UserError(f"unknown --backbone={name}: choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def fine_tune_layer(backbone_name, fine_tune_at):
+    """--fine_tune_at, or the backbone's default when it is not given."""
+    return lookup(backbone_name).fine_tune_at if fine_tune_at is None else fine_tune_at
+
+
+def trainable_parameters(classifier, fine_tune_at):
+    """Trainable parameter count of each phase."""
+    counts = {}
+    for phase in ("head", "fine_tune"):
+        set_phase(classifier, phase, fine_tune_at)
+        counts[phase] = sum(int(np.prod(weight.shape))
+                            for weight in classifier.model.trainable_weights)
+    return counts
 
 
 def _weights_argument(backbone_name, base_weights):

@@ -44,6 +44,13 @@ def _wipe(layout):
 def check(layout, config, overwrite):
     """'fresh', 'resume' or 'complete'; a different run in the same place is an error."""
     try:
+        for path in (layout.model_dir, layout.checkpoint_dir, layout.log_dir):
+            bucket = files.bucket_root(path)
+            # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
+            if bucket and not files.exists(bucket):
+                raise UserError(f"bucket {bucket} of {path} does not exist or is not "
+                                "accessible: create it (gcloud storage buckets create) or fix "
+                                "the path")
         recorded = layout.path("config.yaml")
         if not files.exists(recorded):
             return "fresh"
@@ -74,3 +81,15 @@ def write_start(layout, config, class_names):
 
 def write_metrics(layout, metrics):
     files.write_json(layout.path("metrics.json"), metrics)
+
+
+def report_to_hyperparameter_tuning(val_accuracy, global_step):
+    """Tells a Vertex AI tuning job the trial's result, as its prebuilt containers expect
+    (cloudml-hypertune); without the package there is no tuning job to tell."""
+    try:
+        import hypertune
+    except ImportError:
+        return
+    hypertune.HyperTune().report_hyperparameter_tuning_metric(
+        hyperparameter_metric_tag="val_accuracy", metric_value=val_accuracy,
+        global_step=global_step)

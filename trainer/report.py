@@ -66,5 +66,4 @@ def plot(history, confusion, class_names, path):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     pyplot.close(figure)
-    with files.open_for_write(path) as handle:
-        handle.write(buffer.getvalue())
+    files.write_bytes(path, buffer.getvalue())

@@ -55,8 +55,7 @@ class Trainer:
         self.classifier = classifier
         self.folder = folder
         self.chief = chief
-        self.fine_tune_at = (config.fine_tune_at if config.fine_tune_at is not None
-                             else model_lib.lookup(config.backbone).fine_tune_at)
+        self.fine_tune_at = model_lib.fine_tune_layer(config.backbone, config.fine_tune_at)
         self.phases = phases(config)
         self.steps_per_epoch = data.steps_per_epoch(len(folder.train), config.batch_size)
         self.total_steps = self.phases[-1].end_epoch * self.steps_per_epoch
@@ -87,6 +86,9 @@ class Trainer:
         self._stop_requested = False
         self.caches_features = config.caches_features()
         self.phase_seconds = {}  # wall time of each phase in this process, caching included
+        self.class_weights = tf.constant(
+            data.class_weights(folder.train, len(folder.class_names)) if
+            config.class_weight == "auto" else np.ones(len(folder.class_names)), tf.float32)
         self._feature_files = []
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -120,13 +122,15 @@ class Trainer:
         optimizer = self.optimizers[phase.name]
         global_batch = self.config.batch_size
         scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        class_weights = self.class_weights
 
         def replica_step(images, labels, weights, stop):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
                 per_example = keras.losses.sparse_categorical_crossentropy(
                     labels, logits, from_logits=True)
-                loss = tf.reduce_sum(per_example * weights) / global_batch
+                loss_weights = weights * tf.gather(class_weights, labels)
+                loss = tf.reduce_sum(per_example * loss_weights) / global_batch
                 if scaled:
                     loss = optimizer.scale_loss(loss)
             gradients = tape.gradient(loss, variables)
@@ -163,26 +167,34 @@ class Trainer:
         return data.distribute(self.strategy, batch, lambda context: data.feature_pipeline(
             cache, split.labels, order, weights, batch, context))
 
-    def _extract_features(self, split):
-        """The pooled backbone features of every example, one backbone pass under the strategy,
-        gathered from all replicas so that every worker holds them all."""
+    def _outputs(self, model, split):
+        """model(images) for every example of split, one pass under the strategy, gathered
+        from all replicas so that every worker holds them all (float32, one row each)."""
         batch = self.config.batch_size
         order, weights = data.evaluation_order(len(split), batch)
         iterator = iter(self._images(split, order, weights))
-        features = self.classifier.features
 
         @tf.function
-        def extract(iterator):
+        def compute(iterator):
             images, _, _ = next(iterator)
             per_replica = self.strategy.run(
-                lambda x: tf.cast(features(x, training=False), tf.float32), args=(images,))
+                lambda x: tf.cast(model(x, training=False), tf.float32), args=(images,))
             return self.strategy.gather(per_replica, axis=0)
 
-        cache = self._allocate((len(split), features.output_shape[-1]))
+        result = self._allocate((len(split), model.output_shape[-1]))
         for step in range(len(order) // batch):
             # Padding rows repeat the first examples and write the same values again.
-            cache[order[step * batch:(step + 1) * batch]] = extract(iterator).numpy()
-        return cache
+            result[order[step * batch:(step + 1) * batch]] = compute(iterator).numpy()
+        return result
+
+    def _extract_features(self, split):
+        """The pooled backbone features of every example: one backbone pass."""
+        return self._outputs(self.classifier.features, split)
+
+    def predict_validation(self):
+        """Class probabilities of every validation example."""
+        logits = self._outputs(self.classifier.inference, self.folder.validation)
+        return tf.nn.softmax(logits).numpy()
 
     def _allocate(self, shape):
         """Memory within --memory_budget_mb, else a file in the local temp dir."""

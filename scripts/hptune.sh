@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Submits a Vertex AI hyperparameter tuning job over trainer.task, maximising val_accuracy.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: scripts/hptune.sh --preset=cpu|gpu|multiworker|tpu --project=P --region=R --bucket=gs://B
+                         [options] [--dry-run] [-- trainer flags...]
+
+Writes a HyperparameterTuningJob YAML and runs
+`gcloud ai hp-tuning-jobs create --config=<file>`. Each trial runs trainer.task with the
+trainer flags plus the tuned ones (--learning_rate, --fine_tune_at, --dropout by default);
+the trainer reports val_accuracy through cloudml-hypertune.
+
+Options: those of submit_job.sh (--preset --project --region --bucket --display_name
+--package --image_uri --machine_type --accelerator_type --accelerator_count --workers
+--tpu_topology --spec --dry-run), and:
+  --max_trials=N              trials in all (default 12)
+  --parallel_trials=N         trials at once (default 3)
+  --learning_rate=MIN,MAX     log scale (default 1e-5,1e-3)
+  --fine_tune_at=MIN,MAX      integer (default 60,140)
+  --dropout=MIN,MAX           (default 0.1,0.5)
+  --no_tune=NAME              leave one of learning_rate, fine_tune_at, dropout untuned
+USAGE
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/common.sh
+source "$here/common.sh"
+common_defaults
+max_trials=12 parallel_trials=3
+declare -A ranges=([learning_rate]="1e-5,1e-3" [fine_tune_at]="60,140" [dropout]="0.1,0.5")
+
+while (($#)); do
+  case "$1" in
+    --max_trials=*) max_trials="${1#*=}" ;;
+    --parallel_trials=*) parallel_trials="${1#*=}" ;;
+    --learning_rate=*|--fine_tune_at=*|--dropout=*) name="${1%%=*}"; ranges[${name#--}]="${1#*=}" ;;
+    --no_tune=*) unset "ranges[${1#*=}]" ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; trainer_args=("$@"); break ;;
+    *) common_option "$1" || die "unknown option $1 (see --help)" ;;
+  esac
+  shift
+done
+
+require_basics
+[[ "$max_trials" =~ ^[0-9]+$ && "$parallel_trials" =~ ^[0-9]+$ ]] ||
+  die "--max_trials and --parallel_trials must be numbers"
+[[ "${#ranges[@]}" -gt 0 ]] || die "nothing left to tune"
+worker_pool_specs "$preset" "${trainer_args[@]+"${trainer_args[@]}"}"
+
+parameter_yaml() {
+  local name="$1" low="${2%,*}" high="${2#*,}"
+  [[ "$low" =~ ^[0-9.eE+-]+$ && "$high" =~ ^[0-9.eE+-]+$ ]] ||
+    die "--$name=$2 must be MIN,MAX numbers"
+  echo "    - parameterId: $name"
+  case "$name" in
+    learning_rate)
+      echo "      doubleValueSpec: {minValue: $low, maxValue: $high}"
+      echo "      scaleType: UNIT_LOG_SCALE" ;;
+    fine_tune_at)
+      echo "      integerValueSpec: {minValue: '$low', maxValue: '$high'}"
+      echo "      scaleType: UNIT_LINEAR_SCALE" ;;
+    *)
+      echo "      doubleValueSpec: {minValue: $low, maxValue: $high}"
+      echo "      scaleType: UNIT_LINEAR_SCALE" ;;
+  esac
+}
+
+display_name="${display_name:-trainer-hptune-$preset-$(date -u +%Y%m%d-%H%M%S)}"
+spec="${spec:-$(mktemp "${TMPDIR:-/tmp}/hptune-job-XXXXXX.yaml")}"
+{
+  printf 'displayName: %s\n' "$(yaml_string "$display_name")"
+  printf 'maxTrialCount: %s\nparallelTrialCount: %s\n' "$max_trials" "$parallel_trials"
+  printf 'studySpec:\n  metrics:\n    - metricId: val_accuracy\n      goal: MAXIMIZE\n'
+  printf '  parameters:\n'
+  for name in learning_rate fine_tune_at dropout; do
+    if [[ -n "${ranges[$name]+set}" ]]; then
+      parameter_yaml "$name" "${ranges[$name]}"
+    fi
+  done
+  printf 'trialJobSpec:\n  workerPoolSpecs:\n'
+  printf '%s' "$pools_yaml" | sed 's/^/  /'
+  printf '  baseOutputDirectory:\n    outputUriPrefix: %s\n' \
+    "$(yaml_string "$bucket/jobs/$display_name")"
+} >"$spec"
+
+command=(gcloud ai hp-tuning-jobs create "--project=$project" "--region=$region"
+         "--display-name=$display_name" "--max-trial-count=$max_trials"
+         "--parallel-trial-count=$parallel_trials" "--config=$spec")
+run_or_print "${command[@]}"

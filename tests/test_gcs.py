@@ -1,0 +1,111 @@
+"""Everything gs:// against a real GCS emulator, through TensorFlow's own GCS filesystem."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import images
+from tests.conftest import REPO, cli_env, error_line, run_module
+
+JOB = ["--backbone=small_cnn", "--base_weights=none", "--image_size=32", "--epochs=3",
+       "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
+
+
+def run(gcs, module, *args, **kwargs):
+    return run_module(module, *args, env=cli_env(**gcs.env), **kwargs)
+
+
+def read_json(gcs, url):
+    bucket, _, name = url[len("gs://"):].partition("/")
+    return json.loads(gcs.client().bucket(bucket).blob(name).download_as_bytes())
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs, tmp_path_factory):
+    """An image folder on gs://, trained with --model_dir on gs://."""
+    bucket = gcs.bucket("photos")
+    local = images.folder(str(tmp_path_factory.mktemp("photos")), per_class=12,
+                          validation_per_class=4, size=32)
+    images.save_corrupt(os.path.join(local, "train", "red", "zero.jpg"), "empty")
+    data = gcs.upload_tree(local, f"{bucket}/colours")
+    model_dir = f"{bucket}/runs/one"
+    process = run(gcs, "trainer.task", f"--data={data}", f"--model_dir={model_dir}", *JOB)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return data, model_dir, process
+
+
+def test_image_folder_and_model_dir_on_gcs(gcs, bucket_run):
+    data, model_dir, _ = bucket_run
+    written = gcs.list(model_dir)
+    for name in ("config.yaml", "labels.txt", "metrics.json", "report.png",
+                 "export/saved_model.pb"):
+        assert f"runs/one/{name}" in written, written
+    assert any(name.startswith("runs/one/checkpoints/ckpt-") for name in written)
+    assert any(name.startswith("runs/one/logs/train/events") for name in written)
+    metrics = read_json(gcs, f"{model_dir}/metrics.json")
+    assert metrics["skipped_images"] == 1 and metrics["train_images"] == 24
+    assert metrics["skipped_examples"] == [f"{data}/train/red/zero.jpg"]
+
+
+def test_predict_from_gcs_export_on_gcs_images(gcs, bucket_run):
+    data, model_dir, _ = bucket_run
+    process = run(gcs, "trainer.predict", f"--model_dir={model_dir}", "--json",
+                  f"{data}/validation/red", f"{data}/validation/green/green_0.jpg")
+    assert process.returncode == 0, process.stderr[-3000:]
+    records = [json.loads(line) for line in process.stdout.splitlines()]
+    assert [r["path"] for r in records] == [f"{data}/validation/red/red_{i}.jpg"
+                                            for i in range(4)] + [
+        f"{data}/validation/green/green_0.jpg"]
+    assert all(r["top"][0]["class"] in ("red", "green") for r in records)
+
+
+def test_finished_gcs_run_is_complete(gcs, bucket_run):
+    data, model_dir, _ = bucket_run
+    process = run(gcs, "trainer.task", f"--data={data}", f"--model_dir={model_dir}", *JOB)
+    assert process.returncode == 0 and "already complete" in process.stdout
+
+
+def test_killed_run_resumes_from_gcs(gcs, tmp_path):
+    bucket = gcs.bucket("resume")
+    data = gcs.upload_tree(images.folder(str(tmp_path / "data"), per_class=16, size=32),
+                           f"{bucket}/data")
+    model_dir = f"{bucket}/run"
+    args = [f"--data={data}", f"--model_dir={model_dir}", *JOB, "--epochs=5",
+            "--checkpoint_every_steps=3"]
+    job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
+                           env=cli_env(**gcs.env), stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 180
+    while not any(re.search(r"ckpt-(\d+)\.index$", name) and
+                  int(re.search(r"ckpt-(\d+)", name).group(1)) >= 6
+                  for name in gcs.list(f"{model_dir}/checkpoints")):
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    bucket_name = bucket[len("gs://"):]
+    state = gcs.client().bucket(bucket_name).blob("run/checkpoints/checkpoint").download_as_text()
+    latest = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', state).group(1))
+    process = run(gcs, "trainer.task", *args)
+    assert process.returncode == 0, process.stderr[-3000:]
+    resumed = re.search(r"resuming from epoch (\d+) \(step (\d+) of", process.stdout)
+    assert resumed and int(resumed.group(2)) == latest
+    metrics = read_json(gcs, f"{model_dir}/metrics.json")
+    assert metrics["resumed_from_step"] == int(resumed.group(2))
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("flag", ["--data=gs://no-such-bucket/photos",
+                                  "--model_dir=gs://no-such-bucket/run"])
+def test_missing_bucket_is_a_one_line_error_without_hanging(gcs, flag):
+    began = time.time()
+    process = run(gcs, "trainer.task", "--data=demo", *JOB, flag, timeout=120)
+    assert process.returncode == 2
+    assert "no-such-bucket" in error_line(process)
+    assert time.time() - began < 60

@@ -1,0 +1,72 @@
+"""Before and after training: the dry-run plan, imbalance, TFLite."""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tests import images
+from tests.conftest import run_module
+from trainer import data
+from trainer import export
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    model_dir = tmp_path / "run"
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--dry_run")
+    assert process.returncode == 0, process.stderr[-2000:]
+    plan = process.stdout
+    for expected in ("strategy cpu", "1 replica(s); global batch 32, 32 per replica",
+                     "circles         120          30", "total           360          90",
+                     "unreadable    0 file(s)", "phase head      epochs 1-5",
+                     "60 steps, 387 trainable parameters; features cached",
+                     "phase fine_tune epochs 6-8", "backbone layers 10+ trainable",
+                     f"model_dir     {model_dir} (fresh)", f"checkpoints   {model_dir}/checkpoints"):
+        assert expected in plan, (expected, plan)
+    assert not model_dir.exists()
+
+
+def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
+    root = str(tmp_path / "data")
+    images.folder(root, classes=("red",), per_class=12, validation_per_class=2, size=32)
+    images.folder(root, classes=("green",), per_class=4, validation_per_class=2, size=32)
+    images.save_corrupt(os.path.join(root, "train", "red", "broken.jpg"), "empty")
+    process = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
+                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         "--dry_run")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "class imbalance in train: green 4, red 12 (largest/smallest 3.0)" in process.stdout
+    assert "--class_weight=auto" in process.stdout
+    assert "unreadable    1 file(s) skipped" in process.stdout and "broken.jpg" in process.stdout
+    folder = data.scan(root)
+    weights = data.class_weights(folder.train, 2)
+    assert np.allclose(weights, [16 / (2 * 4), 16 / (2 * 12)])  # green, red
+    trained = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
+                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         "--epochs=1", "--fine_tune_epochs=0", "--batch_size=8",
+                         "--class_weight=auto")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+
+
+def test_tflite_export_agrees_with_the_saved_model(tmp_path):
+    model_dir = str(tmp_path / "run")
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
+                         "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+                         "--epochs=2", "--fine_tune_epochs=1", "--learning_rate=1e-2",
+                         "--export_tflite")
+    assert process.returncode == 0, process.stderr[-2000:]
+    folder = data.scan("demo")
+    paths = list(folder.validation.paths[::15])
+    contents = [tf.io.read_file(path) for path in paths]
+    saved = export.load(os.path.join(model_dir, "export"))(image_bytes=tf.stack(contents))
+    interpreter = tf.lite.Interpreter(model_path=os.path.join(model_dir, "model.tflite"))
+    source, = interpreter.get_input_details()
+    result, = interpreter.get_output_details()
+    interpreter.resize_tensor_input(source["index"], [1, 48, 48, 3])
+    interpreter.allocate_tensors()
+    for index, content in enumerate(contents):
+        pixels = data.decode_and_resize(content, 48).numpy()[np.newaxis]
+        interpreter.set_tensor(source["index"], pixels)
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(result["index"])[0],
+                                   saved["probabilities"].numpy()[index], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,188 @@
+"""Vertex AI: job specs checked against the real client library's types, packaging, and the
+trainer's cloud conventions (AIP_* directories on gs://, hyperparameter tuning reports)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import yaml
+from google.cloud import aiplatform_v1
+
+from tests import images
+from tests.conftest import REPO, cli_env, run_module
+
+SCRIPTS = os.path.join(REPO, "scripts")
+BASE = ["--project=my-project", "--region=us-central1", "--bucket=gs://my bucket"]
+
+
+@pytest.fixture(autouse=True)
+def no_real_gcloud(tmp_path, monkeypatch):
+    """Scripts under test must never reach the real gcloud: a stand-in that fails comes first."""
+    stand_in = tmp_path / "bin" / "gcloud"
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\necho 'gcloud called in a test' >&2\nexit 99\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+
+
+def script(name, *args, env=None):
+    return subprocess.run(["bash", os.path.join(SCRIPTS, name), *args], capture_output=True,
+                          text=True, timeout=120, env=env or cli_env(), cwd=REPO)
+
+
+def dry_run(name, *args):
+    """Runs a script with --dry-run (placed before the trainer flags' --)."""
+    split = args.index("--") if "--" in args else len(args)
+    process = script(name, *args[:split], "--dry-run", *args[split:])
+    assert process.returncode == 0, process.stderr
+    spec = process.stdout.splitlines()[-1]
+    with open(spec) as handle:
+        return process.stdout, yaml.safe_load(handle)
+
+
+@pytest.mark.parametrize("preset, pools, machine, accelerator, extra_args", [
+    ("cpu", [1], "n1-standard-8", None, []),
+    ("gpu", [1], "n1-standard-8", ("NVIDIA_TESLA_T4", 2), ["--strategy=gpu"]),
+    ("multiworker", [1, 3], "n1-standard-8", None, []),
+    ("tpu", [1], "ct5lp-hightpu-4t", None, ["--strategy=tpu", "--tpu=local"]),
+])
+def test_submit_job_spec_parses_as_a_custom_job_spec(preset, pools, machine, accelerator,
+                                                     extra_args, tmp_path):
+    trainer_flags = ["--config=gs://my bucket/cats.yaml", "--data=gs://my bucket/cats photos",
+                     'quote"and\\backslash']
+    output, spec = dry_run("submit_job.sh", f"--preset={preset}", *BASE, "--display_name=run 1",
+                           "--accelerator_count=2", "--workers=3", "--", *trainer_flags)
+    job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
+    assert [pool.replica_count for pool in job.worker_pool_specs] == pools
+    for pool in job.worker_pool_specs:
+        assert pool.python_package_spec.python_module == "trainer.task"
+        assert list(pool.python_package_spec.args) == extra_args + trainer_flags
+        assert list(pool.python_package_spec.package_uris) == [
+            "gs://my bucket/packages/trainer-0.1.0.tar.gz"]
+        assert pool.python_package_spec.executor_image_uri.startswith(
+            "us-docker.pkg.dev/vertex-ai/training/tf-")
+        assert pool.machine_spec.machine_type == machine
+        if accelerator:
+            assert (pool.machine_spec.accelerator_type.name,
+                    pool.machine_spec.accelerator_count) == accelerator
+        else:
+            assert pool.machine_spec.accelerator_count == 0
+    if preset == "tpu":
+        assert job.worker_pool_specs[0].machine_spec.tpu_topology == "2x2"
+    assert job.base_output_directory.output_uri_prefix == "gs://my bucket/jobs/run 1"
+    command = output.splitlines()[-2]
+    assert command.startswith("gcloud ai custom-jobs create --project=my-project ")
+    assert "--display-name=run\\ 1" in command and "--config=" in command
+
+
+def test_hptune_spec_parses_as_a_hyperparameter_tuning_job():
+    _, spec = dry_run("hptune.sh", "--preset=gpu", *BASE, "--display_name=tune",
+                      "--max_trials=8", "--parallel_trials=2", "--dropout=0.2,0.4",
+                      "--", "--data=gs://b/photos")
+    job = aiplatform_v1.HyperparameterTuningJob.from_json(json.dumps(spec))
+    assert (job.display_name, job.max_trial_count, job.parallel_trial_count) == ("tune", 8, 2)
+    metric, = job.study_spec.metrics
+    assert (metric.metric_id, metric.goal.name) == ("val_accuracy", "MAXIMIZE")
+    parameters = {p.parameter_id: p for p in job.study_spec.parameters}
+    assert set(parameters) == {"learning_rate", "fine_tune_at", "dropout"}
+    assert parameters["learning_rate"].scale_type.name == "UNIT_LOG_SCALE"
+    assert parameters["fine_tune_at"].integer_value_spec.max_value == 140
+    assert parameters["dropout"].double_value_spec.min_value == pytest.approx(0.2)
+    pool, = job.trial_job_spec.worker_pool_specs
+    assert list(pool.python_package_spec.args) == ["--strategy=gpu", "--data=gs://b/photos"]
+    assert job.trial_job_spec.base_output_directory.output_uri_prefix == "gs://my bucket/jobs/tune"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--project=p", "--region=r", "--bucket=gs://b"], "--preset is required"),
+    (["--preset=huge", "--project=p", "--region=r", "--bucket=gs://b"], "--preset=huge is not"),
+    (["--preset=cpu", "--region=r", "--bucket=gs://b"], "--project"),
+    (["--preset=cpu", "--project=p", "--region=r", "--bucket=/local"], "must be a gs:// URL"),
+    (["--preset=cpu", "--project=p", "--region=r", "--bucket=gs://b", "--frobnicate"],
+     "unknown option --frobnicate"),
+])
+def test_submit_job_argument_errors(args, message):
+    process = script("submit_job.sh", "--dry-run", *args)
+    assert process.returncode == 2 and message in process.stderr
+    assert len(process.stderr.strip().splitlines()) == 1
+
+
+def test_scripts_have_help():
+    for name in ("submit_job.sh", "hptune.sh", "build_package.sh", "local_run.sh"):
+        process = script(name, "--help")
+        assert process.returncode == 0 and process.stdout.startswith("Usage:"), name
+
+
+def test_package_installs_into_a_fresh_venv_and_runs(tmp_path):
+    process = script("build_package.sh", f"--dist={tmp_path / 'dist'}",
+                     env=cli_env(PYTHON=sys.executable))
+    assert process.returncode == 0, process.stderr
+    package = process.stdout.splitlines()[-1]
+    assert package.endswith("trainer-0.1.0.tar.gz")
+    with tarfile.open(package) as archive:
+        assert "trainer-0.1.0/trainer/task.py" in archive.getnames()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", package], check=True,
+                   capture_output=True)
+    # TensorFlow and the rest come from this environment, as they come from the container on
+    # Vertex AI; the trainer itself must come from the fresh install.
+    site = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    outer = subprocess.check_output([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    with open(os.path.join(site, "outer.pth"), "w") as handle:
+        handle.write(outer + "\n")
+    env = {key: value for key, value in cli_env().items() if key != "PYTHONPATH"}
+    where = subprocess.run([python, "-c", "import trainer; print(trainer.__file__)"],
+                           capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    assert where.stdout.startswith(str(venv)), where
+    helped = subprocess.run([python, "-m", "trainer.task", "--help"], capture_output=True,
+                            text=True, cwd=str(tmp_path), env=env, timeout=120)
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "--strategy" in helped.stdout and "--base_weights" in helped.stdout
+
+
+def test_package_uploads_to_a_bucket(gcs, tmp_path):
+    bucket = gcs.bucket("packages")
+    env = cli_env(PYTHON=sys.executable, **gcs.env)
+    process = script("build_package.sh", f"--bucket={bucket}", f"--dist={tmp_path}",
+                     "--uploader=python", env=env)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.splitlines()[-1] == f"{bucket}/packages/trainer-0.1.0.tar.gz"
+    assert gcs.list(bucket) == ["packages/trainer-0.1.0.tar.gz"]
+
+
+def test_trainer_writes_where_vertex_says(gcs, tmp_path):
+    bucket = gcs.bucket("vertex-job")
+    base = f"{bucket}/jobs/job-1"
+    metric_file = tmp_path / "hypertune" / "output.metrics"
+    env = cli_env(AIP_MODEL_DIR=f"{base}/model", AIP_CHECKPOINT_DIR=f"{base}/checkpoints",
+                  AIP_TENSORBOARD_LOG_DIR=f"{base}/logs",
+                  CLOUD_ML_HP_METRIC_FILE=str(metric_file), **gcs.env)
+    data = images.folder(str(tmp_path / "data"), per_class=8, validation_per_class=2, size=32)
+    process = run_module("trainer.task", f"--data={data}", "--backbone=small_cnn",
+                         "--base_weights=none", "--image_size=32", "--epochs=1",
+                         "--fine_tune_epochs=1", "--batch_size=8", env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    written = gcs.list(base)
+    assert "jobs/job-1/model/export/saved_model.pb" in written
+    assert "jobs/job-1/model/metrics.json" in written
+    assert any(name.startswith("jobs/job-1/checkpoints/ckpt-") for name in written)
+    assert any(name.startswith("jobs/job-1/logs/train/events") for name in written)
+    assert not any(name.startswith("jobs/job-1/model/checkpoints") for name in written)
+    reported = json.loads(metric_file.read_text().splitlines()[-1])
+    assert "val_accuracy" in reported and 0 <= float(reported["val_accuracy"]) <= 1
+
+
+def test_scripts_pass_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI installs it")
+    scripts = sorted(os.path.join(SCRIPTS, name) for name in os.listdir(SCRIPTS)
+                     if name.endswith(".sh"))
+    process = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True,
+                             cwd=REPO)
+    assert process.returncode == 0, process.stdout
