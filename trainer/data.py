@@ -20,15 +20,27 @@ from trainer.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 AUTOTUNE = tf.data.AUTOTUNE
+DATASET_INFO = "dataset_info.json"         # marks a folder written by trainer.prepare
+PREPARED_FORMAT = "trainer-tfrecord-v1"
+_RECORD_FEATURES = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+                    "image/label": tf.io.FixedLenFeature([], tf.int64),
+                    "image/index": tf.io.FixedLenFeature([], tf.int64)}
 
 
 @dataclasses.dataclass
 class Split:
-    paths: np.ndarray   # str paths, local or gs://
+    paths: np.ndarray   # str paths of the images, local or gs:// (names, for TFDS)
     labels: np.ndarray  # int32 class indices
+    shards: list = None  # TFRecord files holding the images in this order; None: read paths
+    tfds: tuple = None   # (builder, split name) of a TensorFlow Datasets split instead
 
     def __len__(self):
         return len(self.paths)
+
+    @property
+    def is_stream(self):
+        """Read as a stream of records rather than image files by path."""
+        return self.shards is not None or self.tfds is not None
 
 
 @dataclasses.dataclass
@@ -115,16 +127,89 @@ def _stratified_split(split, fraction, seed):
             Split(split.paths[held], split.labels[held]))
 
 
-def scan(root, validation_split=0.2, seed=42):
-    """Lists and checks an image folder; errors name the folder at fault."""
+def _load_prepared(root):
+    """A dataset written by trainer.prepare: its shards, and each record's path and label."""
+    info = files.read_json(files.join(root, DATASET_INFO))
+    if info.get("format") != PREPARED_FORMAT:
+        raise UserError(f"{root}/{DATASET_INFO} is not of format {PREPARED_FORMAT}: prepare the "
+                        "data again with python -m trainer.prepare")
+    splits = {}
+    for name in ("train", "validation"):
+        index = files.read_json(files.join(root, f"{name}-index.json"))
+        splits[name] = Split(np.array(index["paths"]), np.array(index["labels"], dtype=np.int32),
+                             [files.join(root, shard) for shard in info["splits"][name]["shards"]])
+    return ImageFolder(root, info["class_names"], splits["train"], splits["validation"],
+                       f"prepared TFRecords ({info['validation_source']})",
+                       [entry["path"] for entry in info["skipped"]])
+
+
+def _tfds_stream(builder, split, shuffle_files=False, read_config=None):
+    """(encoded image, label, key) of a TFDS split, images left encoded."""
+    import tensorflow_datasets as tfds
+    image_key, label_key = builder.info.supervised_keys
+    dataset = builder.as_dataset(split, shuffle_files=shuffle_files, read_config=read_config,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    return dataset.map(lambda example: (example[image_key],
+                                        tf.cast(example[label_key], tf.int32),
+                                        example.get("tfds_id", tf.constant(""))))
+
+
+def _load_tfds(name, options, validation_split):
+    """A TensorFlow Datasets dataset prepared in options['data_dir'] (local or gs://)."""
+    import tensorflow_datasets as tfds
+    data_dir = options.get("data_dir") or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared() if hasattr(builder, "is_prepared") else True
+    except (tfds.core.registered.DatasetNotFoundError, tf.errors.NotFoundError):
+        builder, prepared = None, False
+    if not prepared:
+        if not options.get("download") or builder is None:
+            raise UserError(f"TFDS dataset {name} is not prepared in {data_dir or '~/tensorflow_datasets'}: "
+                            "prepare it there (tfds build, or --tfds_download with internet access)")
+        builder.download_and_prepare()
+    if not builder.info.supervised_keys:
+        raise UserError(f"TFDS dataset {name} has no (image, label) supervised keys to train on")
+    splits = builder.info.splits
+    train, validation = options.get("train_split") or "train", options.get("validation_split")
+    if not validation:
+        if "validation" in splits:
+            validation = "validation"
+        else:
+            kept = round(100 * (1 - validation_split))
+            train, validation = f"{train}[:{kept}%]", f"{train}[{kept}%:]"
+    class_names = builder.info.features[builder.info.supervised_keys[1]].names
+    result = []
+    for split in (train, validation):
+        try:
+            labels = np.array([int(label) for _, label, _ in _tfds_stream(builder, split)
+                               .as_numpy_iterator()], dtype=np.int32)
+        except (ValueError, KeyError) as error:
+            raise UserError(f"TFDS dataset {name} has no split {split!r} "
+                            f"({str(error).splitlines()[0][:120]}); its splits are "
+                            f"{', '.join(splits)}") from None
+        paths = np.array([f"tfds:{name}/{split}/{i}" for i in range(len(labels))])
+        result.append(Split(paths, labels, tfds=(builder, split)))
+    return ImageFolder(f"tfds:{name}", list(class_names), result[0], result[1],
+                       f"TFDS split {validation}", [])
+
+
+def scan(root, validation_split=0.2, seed=42, tfds_options=None):
+    """Lists and checks an image folder, or opens a prepared one; errors name the folder at
+    fault."""
     if root == "demo":
         root = demo.ensure()
     if not root:
         raise UserError("no --data given: pass --data=ROOT with ROOT/train/<class>/ images")
+    if root.startswith("tfds:"):
+        return _load_tfds(root[len("tfds:"):], tfds_options or {}, validation_split)
+    root = root.rstrip("/")
     train_root = files.join(root, "train")
     try:
         if not files.exists(root):
             raise UserError(f"--data={root} does not exist: check the path or bucket name")
+        if files.exists(files.join(root, DATASET_INFO)):
+            return _load_prepared(root)
         if not files.isdir(train_root):
             raise UserError(f"--data={root} has no train/ folder: expected "
                             f"{root}/train/<class>/*.jpg (and optionally validation/<class>/)")
@@ -184,14 +269,46 @@ def shard(values, global_batch, context):
     return values.reshape(-1, pipelines, global_batch // pipelines)[:, index, :].reshape(-1)
 
 
+def _decode_record(record):
+    """(encoded image, label, key) of a prepared record."""
+    example = tf.io.parse_single_example(record, _RECORD_FEATURES)
+    return (example["image/encoded"], tf.cast(example["image/label"], tf.int32),
+            tf.strings.as_string(example["image/index"]))
+
+
+def _ordered_records(split, order, global_batch, context):
+    """A prepared split's encoded images and labels at the positions of `order`, which must be
+    the records in order, wrapping around (as evaluation_order gives): TFRecords are read
+    front to back. Each pipeline keeps the same slices of each global batch as shard()."""
+    if not np.array_equal(order, np.resize(np.arange(len(split)), len(order))):
+        raise ValueError("a prepared split can be read in record order only")
+    per_pipeline = global_batch // context.num_input_pipelines
+    if split.tfds:
+        stream = _tfds_stream(*split.tfds).map(lambda contents, label, _: (contents, label))
+    else:
+        stream = tf.data.TFRecordDataset(split.shards).map(
+            lambda record: _decode_record(record)[:2])
+    stream = stream.repeat().take(len(order)).enumerate()
+    stream = stream.filter(
+        lambda position, _: (position % global_batch) // per_pipeline == context.input_pipeline_id)
+    return stream.map(lambda _, example: example)
+
+
 def pipeline(split, order, weights, global_batch, image_size, context):
     """One input pipeline's tf.data.Dataset of per-replica (images, labels, weights) batches."""
     mine = shard(order, global_batch, context)
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (split.paths[mine], split.labels[mine], shard(weights, global_batch, context)))
+    if not split.is_stream:
+        sources = tf.data.Dataset.from_tensor_slices((split.paths[mine], split.labels[mine]))
+    else:
+        sources = _ordered_records(split, order, global_batch, context)
+    dataset = tf.data.Dataset.zip(
+        (sources, tf.data.Dataset.from_tensor_slices(shard(weights, global_batch, context))))
 
-    def load(path, label, weight):
-        return decode_and_resize(tf.io.read_file(path), image_size), label, weight
+    def load(source, weight):
+        contents, label = source
+        if not split.is_stream:  # a path: read it here, in parallel (remote reads are slow)
+            contents = tf.io.read_file(contents)
+        return decode_and_resize(contents, image_size), label, weight
 
     # The map keeps its order (resume and the validation padding rely on it) while decoding in
     # parallel; shuffling was done on the file list (train_order).
@@ -200,8 +317,68 @@ def pipeline(split, order, weights, global_batch, image_size, context):
     return dataset.prefetch(AUTOTUNE)
 
 
-def feature_pipeline(features, labels, order, weights, global_batch, context):
-    """Like pipeline(), over stored backbone features (an array or memmap, one row per example)."""
+def epoch_records(split, epoch, seed, global_batch, context):
+    """One pipeline's (encoded image, label, key) examples for one epoch of a prepared or TFDS
+    split: steps_per_epoch x its share of the global batch of them. Files are shuffled by
+    (seed, epoch) and divided between pipelines when there are enough of them, else the
+    examples are; a seeded shuffle buffer mixes them. Deterministic, so that a resumed epoch
+    can skip ahead."""
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+    epoch_seed = seed * 100_003 + epoch
+    if split.tfds:
+        import tensorflow_datasets as tfds
+        builder, name = split.tfds
+        by_file = len(builder.info.splits[name].file_instructions) >= pipelines
+        read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, add_tfds_id=True,
+                                      input_context=context if by_file else None)
+        examples = _tfds_stream(builder, name, shuffle_files=True, read_config=read_config)
+    else:
+        shards = np.array(split.shards)[
+            np.random.default_rng([seed, epoch]).permutation(len(split.shards))]
+        by_file = len(shards) >= pipelines
+        if by_file:
+            shards = shards[index::pipelines]
+        examples = tf.data.Dataset.from_tensor_slices(shards).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
+            num_parallel_calls=AUTOTUNE, deterministic=True).map(
+                _decode_record, num_parallel_calls=AUTOTUNE)
+    if not by_file:
+        examples = examples.shard(pipelines, index)
+    examples = examples.shuffle(min(len(split), 4096), seed=epoch_seed,
+                                reshuffle_each_iteration=False)
+    steps = steps_per_epoch(len(split), global_batch)
+    return examples.repeat().take(steps * global_batch // pipelines)
+
+
+def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context):
+    """Per-replica (images, labels, weights) batches for training steps [first_step, end_step).
+
+    Image files follow train_order; prepared and TFDS splits stream epoch_records, skipping
+    the steps of the first epoch that were already trained."""
+    if not split.is_stream:
+        order = train_order(len(split), global_batch, seed, first_step, end_step)
+        return pipeline(split, order, np.ones(len(order), np.float32), global_batch,
+                        image_size, context)
+    steps = steps_per_epoch(len(split), global_batch)
+    per_pipeline = global_batch // context.num_input_pipelines
+    records = None
+    for epoch in range(first_step // steps, math.ceil(end_step / steps)):
+        start, end = max(first_step - epoch * steps, 0), min(end_step - epoch * steps, steps)
+        epoch_part = epoch_records(split, epoch, seed, global_batch, context).skip(
+            start * per_pipeline).take((end - start) * per_pipeline)
+        records = epoch_part if records is None else records.concatenate(epoch_part)
+
+    def load(contents, label, _):
+        return decode_and_resize(contents, image_size), label, tf.constant(1.0)
+
+    dataset = records.map(load, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def array_pipeline(array, labels, order, weights, global_batch, context):
+    """Like pipeline(), over examples already computed: backbone features or decoded images
+    (an array or memmap, one row per example)."""
     per_replica = context.get_per_replica_batch_size(global_batch)
     dataset = tf.data.Dataset.from_tensor_slices(
         (shard(order, global_batch, context), shard(weights, global_batch, context)))
@@ -209,8 +386,8 @@ def feature_pipeline(features, labels, order, weights, global_batch, context):
 
     def gather(indices, batch_weights):
         rows, batch_labels = tf.numpy_function(
-            lambda i: (features[i], labels[i]), [indices], [tf.float32, tf.int32])
-        rows.set_shape([per_replica, features.shape[1]])
+            lambda i: (array[i], labels[i]), [indices], [tf.float32, tf.int32])
+        rows.set_shape([per_replica, *array.shape[1:]])
         batch_labels.set_shape([per_replica])
         return rows, batch_labels, batch_weights
 

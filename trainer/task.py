@@ -52,7 +52,7 @@ def main(argv):
     strategy, kind, reason = strategy_lib.create(config.strategy, config.tpu)
     chief = strategy_lib.is_chief(strategy)
 
-    folder = data.scan(config.data, config.validation_split, config.seed)
+    folder = data.scan(config.data, config.validation_split, config.seed, config.tfds_options())
     steps_per_epoch = data.steps_per_epoch(len(folder.train), config.batch_size)
     execution = strategy_lib.execution(kind, config.mixed_precision, config.steps_per_execution,
                                        config.jit_compile, steps_per_epoch)

@@ -162,13 +162,13 @@ class Trainer:
         return data.distribute(self.strategy, batch, lambda context: data.pipeline(
             split, order, weights, batch, size, context))
 
-    def _features(self, cache, split, order, weights):
+    def _arrays(self, array, split, order, weights):
         batch = self.config.batch_size
-        return data.distribute(self.strategy, batch, lambda context: data.feature_pipeline(
-            cache, split.labels, order, weights, batch, context))
+        return data.distribute(self.strategy, batch, lambda context: data.array_pipeline(
+            array, split.labels, order, weights, batch, context))
 
-    def _outputs(self, model, split):
-        """model(images) for every example of split, one pass under the strategy, gathered
+    def _outputs(self, function, shape, split):
+        """function(images) for every example of split, one pass under the strategy, gathered
         from all replicas so that every worker holds them all (float32, one row each)."""
         batch = self.config.batch_size
         order, weights = data.evaluation_order(len(split), batch)
@@ -177,11 +177,11 @@ class Trainer:
         @tf.function
         def compute(iterator):
             images, _, _ = next(iterator)
-            per_replica = self.strategy.run(
-                lambda x: tf.cast(model(x, training=False), tf.float32), args=(images,))
+            per_replica = self.strategy.run(lambda x: tf.cast(function(x), tf.float32),
+                                            args=(images,))
             return self.strategy.gather(per_replica, axis=0)
 
-        result = self._allocate((len(split), model.output_shape[-1]))
+        result = self._allocate((len(split), *shape))
         for step in range(len(order) // batch):
             # Padding rows repeat the first examples and write the same values again.
             result[order[step * batch:(step + 1) * batch]] = compute(iterator).numpy()
@@ -189,11 +189,30 @@ class Trainer:
 
     def _extract_features(self, split):
         """The pooled backbone features of every example: one backbone pass."""
-        return self._outputs(self.classifier.features, split)
+        features = self.classifier.features
+        return self._outputs(lambda images: features(images, training=False),
+                             features.output_shape[1:], split)
+
+    def _decode_once(self):
+        """Train and validation images decoded and resized once, when they fit within
+        --memory_budget_mb, so that later epochs skip decoding; else None."""
+        size = self.config.image_size
+        count = len(self.folder.train) + len(self.folder.validation)
+        if count * size * size * 3 * 4 > self.config.memory_budget_mb * 2**20:
+            return None
+        began = time.time()
+        decoded = [self._outputs(tf.identity, (size, size, 3), split)
+                   for split in (self.folder.train, self.folder.validation)]
+        print(f"decoded {count} images once in {time.time() - began:.1f}s "
+              f"({count * size * size * 12 / 2**20:.0f} MB in memory): later epochs read "
+              "them from there", flush=True)
+        return decoded
 
     def predict_validation(self):
         """Class probabilities of every validation example."""
-        logits = self._outputs(self.classifier.inference, self.folder.validation)
+        inference = self.classifier.inference
+        logits = self._outputs(lambda images: inference(images, training=False),
+                               inference.output_shape[1:], self.folder.validation)
         return tf.nn.softmax(logits).numpy()
 
     def _allocate(self, shape):
@@ -205,13 +224,12 @@ class Trainer:
         self._feature_files.append(path)
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
-    def _evaluation(self, cache=None):
+    def _evaluation(self, model, array=None):
         """A function computing (loss, accuracy) over the validation split, each example once,
-        from images or from cached features."""
+        from image files or from an array of decoded images or features."""
         split = self.folder.validation
-        model = self.classifier.head if cache is not None else self.classifier.model
         order, weights = data.evaluation_order(len(split), self.config.batch_size)
-        dataset = (self._features(cache, split, order, weights) if cache is not None
+        dataset = (self._arrays(array, split, order, weights) if array is not None
                    else self._images(split, order, weights))
 
         def replica_step(inputs, labels, weights):
@@ -256,6 +274,7 @@ class Trainer:
         if start >= self.total_steps:
             return history
         every = self.config.checkpoint_every_steps
+        decoded = None  # images decoded once, for the phases that read images
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         try:
             for phase in self.phases:
@@ -263,23 +282,35 @@ class Trainer:
                     continue
                 phase_began = time.time()
                 first_step = max(start, phase.first_epoch * self.steps_per_epoch)
-                order = data.train_order(len(self.folder.train), self.config.batch_size,
-                                         self.config.seed, first_step,
-                                         phase.end_epoch * self.steps_per_epoch)
-                weights = np.ones(len(order), dtype=np.float32)
+                phase_end = phase.end_epoch * self.steps_per_epoch
                 cached = self.caches_features and phase.name == "head"
+                order = data.train_order(len(self.folder.train), self.config.batch_size,
+                                         self.config.seed, first_step, phase_end)
+                ones = np.ones(len(order), dtype=np.float32)
                 if cached:
                     began = time.time()
                     train_cache = self._extract_features(self.folder.train)
-                    evaluate = self._evaluation(self._extract_features(self.folder.validation))
-                    inputs = self._features(train_cache, self.folder.train, order, weights)
+                    evaluate = self._evaluation(self.classifier.head,
+                                                self._extract_features(self.folder.validation))
+                    inputs = self._arrays(train_cache, self.folder.train, order, ones)
                     print(f"cached backbone features of {len(self.folder.train)} train and "
                           f"{len(self.folder.validation)} validation images in "
                           f"{time.time() - began:.1f}s: phase {phase.name} trains the head "
                           "on them (--cache_features)", flush=True)
                 else:
-                    evaluate = self._evaluation()
-                    inputs = self._images(self.folder.train, order, weights)
+                    if decoded is None:
+                        decoded = self._decode_once() or ()
+                    if decoded:
+                        evaluate = self._evaluation(self.classifier.model, decoded[1])
+                        inputs = self._arrays(decoded[0], self.folder.train, order, ones)
+                    else:
+                        evaluate = self._evaluation(self.classifier.model)
+                        inputs = data.distribute(
+                            self.strategy, self.config.batch_size,
+                            lambda context: data.training_pipeline(
+                                self.folder.train, first_step, phase_end,
+                                self.config.batch_size, self.config.image_size,
+                                self.config.seed, context))
                 iterator = iter(inputs)
                 train_steps = self._train_function(phase, cached)
                 for epoch in range(max(phase.first_epoch, start // self.steps_per_epoch),

@@ -1,0 +1,118 @@
+"""Input pipeline speed: images/s decoding and resizing to 224 and batching 32, in one run.
+
+    python scripts/bench_input.py [--images=1000] [--no_gcs]
+
+(a) tf.keras.utils.image_dataset_from_directory, (b) our image-folder pipeline, (c) our
+TFRecord pipeline (trainer.prepare at full size) and (d) the same with --max_side=256, each
+over the same generated folder of photo-sized JPEGs (500x375, quality 90, like
+cats_and_dogs_filtered), from local disk and from gs:// on the GCS emulator the tests use.
+Each measurement runs in a process of its own; ratios are against (a) on the same storage.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+IMAGE_SIZE, BATCH = 224, 32
+
+
+def measure(kind, data):
+    """Images per second through one pipeline, after a warm-up batch (in this process)."""
+    import tensorflow as tf
+    from trainer import data as data_lib
+    if kind == "keras":
+        dataset = tf.keras.utils.image_dataset_from_directory(
+            f"{data}/train", batch_size=BATCH, image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0,
+            verbose=False).prefetch(tf.data.AUTOTUNE)
+        count = sum(len(files) for _, _, files in tf.io.gfile.walk(f"{data}/train"))
+    else:
+        split = data_lib.scan(data, seed=0).train
+        dataset = data_lib.training_pipeline(split, 0, data_lib.steps_per_epoch(len(split), BATCH),
+                                             BATCH, IMAGE_SIZE, 0, tf.distribute.InputContext())
+        count = data_lib.steps_per_epoch(len(split), BATCH) * BATCH
+    iterator = iter(dataset)
+    first = next(iterator)[0].shape[0]
+    began = time.time()
+    seen = sum(int(batch[0].shape[0]) for batch in iterator)
+    return (count - first) / (time.time() - began), seen + first
+
+
+def child(kind, data):
+    rate, seen = measure(kind, data)
+    print(f"RESULT {rate:.1f} {seen}")
+
+
+def run_child(kind, data, env, repeats):
+    """The median images/s of `repeats` runs (this machine is shared and noisy)."""
+    rates = []
+    for _ in range(repeats):
+        result = subprocess.run([sys.executable, __file__, "--child", kind, data],
+                                capture_output=True, text=True, env=env, cwd=REPO)
+        line = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+        if result.returncode or not line:
+            sys.exit(f"{kind} on {data} failed:\n{result.stderr[-3000:]}")
+        rates.append(float(line[0].split()[1]))
+    return sorted(rates)[len(rates) // 2]
+
+
+def prepare(images, output, env, *args):
+    subprocess.run([sys.executable, "-m", "trainer.prepare", f"--images={images}",
+                    f"--output={output}", *args], check=True, capture_output=True, env=env,
+                   cwd=REPO)
+    return output
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--no_gcs", action="store_true", help="local disk only")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per local measurement "
+                        "(median); gs:// is measured once, it is slow through the emulator")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    from trainer import demo
+    workdir = tempfile.mkdtemp(prefix="bench-input-")
+    local = demo.write(os.path.join(workdir, "images"), train_per_class=args.images // 2,
+                       validation_per_class=4, size=(500, 375), classes=demo.CLASSES[:2])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    stores = [("local", env, args.repeats, {"images": local,
+                              "full": prepare(local, os.path.join(workdir, "full"), env),
+                              "small": prepare(local, os.path.join(workdir, "small"), env,
+                                               "--max_side=256")})]
+    emulator = None
+    if not args.no_gcs:
+        from tests.gcs import Emulator
+        emulator = Emulator(workdir)
+        gcs_env = dict(env, **emulator.env)
+        bucket = emulator.bucket("bench")
+        stores.append(("gs://", gcs_env, 1, {
+            "images": emulator.upload_tree(local, f"{bucket}/images"),
+            "full": prepare(local, f"{bucket}/full", gcs_env),
+            "small": prepare(local, f"{bucket}/small", gcs_env, "--max_side=256")}))
+    try:
+        print(f"{args.images} train JPEGs of 500x375 -> {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, "
+              f"{os.cpu_count()} CPUs; images/s (ratio to a)")
+        print(f"{'storage':<8}{'a keras':>16}{'b folder':>16}{'c tfrecord':>16}{'d max_side 256':>18}")
+        for name, store_env, repeats, paths in stores:
+            rates = [run_child("keras", paths["images"], store_env, repeats),
+                     run_child("ours", paths["images"], store_env, repeats),
+                     run_child("ours", paths["full"], store_env, repeats),
+                     run_child("ours", paths["small"], store_env, repeats)]
+            cells = [f"{rate:8.0f} ({rate / rates[0]:.2f}x)" for rate in rates]
+            print(f"{name:<8}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{cells[3]:>18}")
+    finally:
+        if emulator:
+            emulator.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""trainer.prepare: image folders to TFRecord shards, and training from them."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tests import images
+from tests.conftest import error_line, run_module
+from trainer import data
+
+JOB = ["--backbone=small_cnn", "--base_weights=none", "--image_size=32", "--epochs=2",
+       "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    source = images.folder(str(root / "images"), per_class=12, size=80)
+    images.save_corrupt(str(root / "images" / "train" / "red" / "cut.jpg"), "truncated")
+    output = str(root / "records")
+    process = run_module("trainer.prepare", f"--images={source}", f"--output={output}",
+                         "--max_side=40", "--min_shards=4", "--validation_split=0.25")
+    assert process.returncode == 0, process.stderr[-2000:]
+    return source, output, process
+
+
+def test_prepare_writes_shards_index_and_info(prepared):
+    source, output, process = prepared
+    with open(os.path.join(output, data.DATASET_INFO)) as handle:
+        info = json.load(handle)
+    assert info["class_names"] == ["green", "red"]
+    assert info["splits"]["train"]["count"] == 18 and info["splits"]["validation"]["count"] == 6
+    assert info["splits"]["train"]["per_class"] == {"green": 9, "red": 9}
+    assert info["splits"]["train"]["shards"] == [f"train-{i:05d}-of-00004.tfrecord"
+                                                 for i in range(4)]
+    assert sum(info["splits"]["train"]["records_per_shard"]) == 18
+    assert info["skipped"] == [{"path": os.path.join(source, "train", "red", "cut.jpg"),
+                                "reason": "cannot be decoded"}]
+    assert info["image_policy"]["max_side"] == 40
+    assert "shard 4/4 written" in process.stdout
+    record = next(iter(tf.data.TFRecordDataset(os.path.join(output, info["splits"]["train"]
+                                                             ["shards"][0]))))
+    example = tf.io.parse_single_example(record, data._RECORD_FEATURES)
+    assert tf.io.decode_jpeg(example["image/encoded"]).shape == (40, 40, 3)  # was 80 x 80
+
+
+def test_prepare_refuses_to_overwrite_without_the_flag(prepared, tmp_path):
+    source, output, _ = prepared
+    process = run_module("trainer.prepare", f"--images={source}", f"--output={output}")
+    assert process.returncode == 2
+    assert "already holds a prepared dataset" in error_line(process)
+
+
+def test_training_from_prepared_shards(prepared, tmp_path):
+    _, output, _ = prepared
+    model_dir = str(tmp_path / "run")
+    # No caching of features or decoded images: every epoch streams the shards.
+    process = run_module("trainer.task", f"--data={output}", f"--model_dir={model_dir}", *JOB,
+                         "--cache_features=off", "--memory_budget_mb=0")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "from prepared TFRecords" in process.stdout
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert (metrics["train_images"], metrics["val_images"], metrics["skipped_images"]) == (18, 6, 1)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 6
+
+
+@pytest.mark.parametrize("min_shards", [4, 1])  # by file, then by record
+def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_shards):
+    source = images.folder(str(tmp_path / "images"), per_class=8, size=16)
+    output = str(tmp_path / "records")
+    process = run_module("trainer.prepare", f"--images={source}", f"--output={output}",
+                         f"--min_shards={min_shards}", "--validation_split=0.5")
+    assert process.returncode == 0, process.stderr[-2000:]
+    split = data.scan(output).train
+    seen = []
+    for index in range(2):
+        context = tf.distribute.InputContext(2, index, 2)
+        for _, _, key in data.epoch_records(split, 0, 7, 4, context):
+            seen.append(int(key))
+    assert sorted(seen) == list(range(len(split)))
+
+
+def test_resumed_record_stream_continues_with_the_same_batches(prepared):
+    _, output, _ = prepared
+    split = data.scan(output).train
+    context = tf.distribute.InputContext()
+
+    def batches(first_step):
+        dataset = data.training_pipeline(split, first_step, 9, 8, 16, 3, context)
+        return [(images.numpy(), labels.numpy()) for images, labels, _ in dataset]
+
+    whole, resumed = batches(0), batches(4)
+    assert len(whole) == 9 and len(resumed) == 5
+    for (images_a, labels_a), (images_b, labels_b) in zip(whole[4:], resumed):
+        np.testing.assert_array_equal(labels_a, labels_b)
+        np.testing.assert_allclose(images_a, images_b)

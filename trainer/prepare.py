@@ -1,0 +1,135 @@
+"""python -m trainer.prepare --images=DIR --output=DIR_OR_GS: image folder -> TFRecord shards.
+
+Writes, per split, `<split>-00000-of-000NN.tfrecord` shards of tf.train.Examples
+(image/encoded, image/label, image/index), `<split>-index.json` (each record's source path
+and label, in record order), `labels.txt`, and last `dataset_info.json`: counts per split and
+class, shards, the image policy and the files skipped with reasons. `--data=OUTPUT` then
+trains from the shards. Images are stored as they are, or with --max_side=N re-encoded as
+JPEG with the longer side at most N, so that training decodes less.
+"""
+
+import concurrent.futures
+import io
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer import data  # noqa: E402
+from trainer import files  # noqa: E402
+from trainer.cli import run_main  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+flags.DEFINE_string("images", None, "Image folder ROOT with train/<class>/ (and optionally "
+                    "validation/<class>/), local or gs://.")
+flags.DEFINE_string("output", None, "Where the shards go, local or gs://.")
+flags.DEFINE_integer("shard_size_mb", 100, "Target size of one shard.")
+flags.DEFINE_integer("min_shards", 8, "At least this many shards per split (when it has that "
+                     "many images), so that each input pipeline can read its own files.")
+flags.DEFINE_integer("max_side", 0, "Downscale images whose longer side exceeds this, keeping "
+                     "the aspect ratio (0: store images as they are).")
+flags.DEFINE_float("validation_split", 0.2, "Held out of train/ when there is no validation/.")
+flags.DEFINE_integer("seed", 42, "Seed for the validation split and the record order.")
+flags.DEFINE_integer("workers", 0, "Threads reading and encoding images (0: one per CPU).")
+flags.DEFINE_bool("overwrite", False, "Replace a prepared dataset already at --output.")
+FLAGS = flags.FLAGS
+
+
+def encode(path, max_side):
+    """The bytes to store: the file itself, or a downscaled JPEG of it."""
+    content = files.read_bytes(path)
+    if not max_side:
+        return content
+    image = Image.open(io.BytesIO(content))
+    if max(image.size) <= max_side:
+        return content
+    image = image.convert("RGB")
+    image.thumbnail((max_side, max_side), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _example(content, label, index):
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[content])),
+        "image/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "image/index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_split(name, split, output, pool):
+    """Shards one split in a seeded order; returns its dataset_info entry."""
+    order = np.random.default_rng(FLAGS.seed).permutation(len(split))
+    contents = list(pool.map(lambda i: encode(split.paths[i], FLAGS.max_side), order))
+    total = sum(len(content) for content in contents)
+    count = max(min(FLAGS.min_shards, len(order)),
+                math.ceil(total / (FLAGS.shard_size_mb * 2**20)))
+    bounds = np.linspace(0, len(order), count + 1).astype(int)
+    shards = []
+    for shard in range(count):
+        shard_name = f"{name}-{shard:05d}-of-{count:05d}.tfrecord"
+        with tf.io.TFRecordWriter(files.join(output, shard_name)) as writer:
+            for position in range(bounds[shard], bounds[shard + 1]):
+                writer.write(_example(contents[position], int(split.labels[order[position]]),
+                                      position))
+        shards.append(shard_name)
+        print(f"{name}: shard {shard + 1}/{count} written "
+              f"({bounds[shard + 1] - bounds[shard]} images)", flush=True)
+    files.write_json(files.join(output, f"{name}-index.json"), {
+        "paths": [str(split.paths[i]) for i in order],
+        "labels": [int(split.labels[i]) for i in order]})
+    return {"count": len(order), "bytes": total, "shards": shards,
+            "records_per_shard": np.diff(bounds).tolist()}
+
+
+def main(argv):
+    del argv
+    if not FLAGS.images or not FLAGS.output:
+        raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
+    output = FLAGS.output.rstrip("/")
+    info_path = files.join(output, data.DATASET_INFO)
+    if files.exists(info_path):
+        if not FLAGS.overwrite:
+            raise UserError(f"{output} already holds a prepared dataset: use another --output, "
+                            "or --overwrite to replace it")
+        for name in files.listdir(output):
+            if name.endswith((".tfrecord", "-index.json")) or name in (
+                    data.DATASET_INFO, "labels.txt"):
+                files.remove_tree(files.join(output, name))
+    folder = data.scan(FLAGS.images, FLAGS.validation_split, FLAGS.seed)
+    print(data.describe(folder), flush=True)
+    tf.io.gfile.makedirs(output)
+    splits = {}
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.workers or os.cpu_count()) as pool:
+        for name, split in (("train", folder.train), ("validation", folder.validation)):
+            splits[name] = write_split(name, split, output, pool)
+            splits[name]["per_class"] = {
+                class_name: int(np.sum(split.labels == label))
+                for label, class_name in enumerate(folder.class_names)}
+    files.write_text(files.join(output, "labels.txt"),
+                     "".join(f"{name}\n" for name in folder.class_names))
+    files.write_json(info_path, {
+        "format": data.PREPARED_FORMAT,
+        "source": folder.root,
+        "class_names": folder.class_names,
+        "validation_source": folder.validation_source,
+        "image_policy": {"max_side": FLAGS.max_side or None,
+                         "encoding": "JPEG quality 90 when downscaled, else the original file"},
+        "splits": splits,
+        "skipped": [{"path": path, "reason": "cannot be decoded"} for path in folder.skipped],
+    })
+    print(f"prepared {output}: {splits['train']['count']} train and "
+          f"{splits['validation']['count']} validation images in "
+          f"{len(splits['train']['shards'])} + {len(splits['validation']['shards'])} shards; "
+          f"{len(folder.skipped)} skipped", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
