@@ -48,17 +48,25 @@ def child(kind, data):
     print(f"RESULT {rate:.1f} {seen}")
 
 
-def run_child(kind, data, env, repeats):
-    """The median images/s of `repeats` runs (this machine is shared and noisy)."""
-    rates = []
-    for _ in range(repeats):
-        result = subprocess.run([sys.executable, __file__, "--child", kind, data],
-                                capture_output=True, text=True, env=env, cwd=REPO)
-        line = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
-        if result.returncode or not line:
-            sys.exit(f"{kind} on {data} failed:\n{result.stderr[-3000:]}")
-        rates.append(float(line[0].split()[1]))
-    return sorted(rates)[len(rates) // 2]
+def run_child(kind, data, env):
+    result = subprocess.run([sys.executable, __file__, "--child", kind, data],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    line = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    if result.returncode or not line:
+        sys.exit(f"{kind} on {data} failed:\n{result.stderr[-3000:]}")
+    return float(line[0].split()[1])
+
+
+def measure_store(paths, env, rounds):
+    """Median images/s of (a)-(d) and median ratio to (a). The four run in turn, `rounds`
+    times, each round giving its own ratios: this machine is shared and noisy, and a busy
+    neighbour then slows a whole round rather than one side of a ratio."""
+    import numpy as np
+    runs = [("keras", paths["images"]), ("ours", paths["images"]), ("ours", paths["full"]),
+            ("ours", paths["small"])]
+    rates = np.array([[run_child(kind, data, env) for kind, data in runs]
+                      for _ in range(rounds)])
+    return np.median(rates, axis=0), np.median(rates / rates[:, :1], axis=0)
 
 
 def prepare(images, output, env, *args):
@@ -72,7 +80,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--no_gcs", action="store_true", help="local disk only")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per local measurement "
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of local measurements "
                         "(median); gs:// is measured once, it is slow through the emulator")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -84,7 +92,7 @@ def main():
     local = demo.write(os.path.join(workdir, "images"), train_per_class=args.images // 2,
                        validation_per_class=4, size=(500, 375), classes=demo.CLASSES[:2])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    stores = [("local", env, args.repeats, {"images": local,
+    stores = [("local", env, args.rounds, {"images": local,
                               "full": prepare(local, os.path.join(workdir, "full"), env),
                               "small": prepare(local, os.path.join(workdir, "small"), env,
                                                "--max_side=256")})]
@@ -100,14 +108,12 @@ def main():
             "small": prepare(local, f"{bucket}/small", gcs_env, "--max_side=256")}))
     try:
         print(f"{args.images} train JPEGs of 500x375 -> {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, "
-              f"{os.cpu_count()} CPUs; images/s (ratio to a)")
+              f"{os.cpu_count()} CPUs; images/s (ratio to a), "
+              f"median of {args.rounds} rounds locally")
         print(f"{'storage':<8}{'a keras':>16}{'b folder':>16}{'c tfrecord':>16}{'d max_side 256':>18}")
-        for name, store_env, repeats, paths in stores:
-            rates = [run_child("keras", paths["images"], store_env, repeats),
-                     run_child("ours", paths["images"], store_env, repeats),
-                     run_child("ours", paths["full"], store_env, repeats),
-                     run_child("ours", paths["small"], store_env, repeats)]
-            cells = [f"{rate:8.0f} ({rate / rates[0]:.2f}x)" for rate in rates]
+        for name, store_env, rounds, paths in stores:
+            rates, ratios = measure_store(paths, store_env, rounds)
+            cells = [f"{rate:8.0f} ({ratio:.2f}x)" for rate, ratio in zip(rates, ratios)]
             print(f"{name:<8}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{cells[3]:>18}")
     finally:
         if emulator:

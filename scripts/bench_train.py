@@ -60,6 +60,9 @@ PLAIN_RECIPE = textwrap.dedent("""
 """)
 
 
+ROUNDS = 7  # of the input-pipeline overhead measurement
+
+
 def make_folder(root, images):
     from trainer import demo
     per_class = images // 2
@@ -117,10 +120,13 @@ def run_trainer(data, weights, args, cache, workdir):
             "train_images": metrics["train_images"]}
 
 
-def pipeline_overhead(data, weights, args, steps=20):
+def pipeline_overhead(data, weights, args, steps=8, rounds=ROUNDS):
     """Frozen training step time through an input pipeline / on the same tensors in memory:
     the trainer's, which decodes images once when they fit --memory_budget_mb, and the
-    streaming one it falls back to, which decodes every epoch."""
+    streaming one it falls back to, which decodes every epoch. The three are timed in turn,
+    `rounds` times, and each round gives a ratio: a busy neighbour then slows a whole round
+    rather than one side of a ratio. Returns the in-memory step time and, per pipeline, the
+    median, lowest and highest ratio."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -170,8 +176,14 @@ def pipeline_overhead(data, weights, args, steps=20):
             next(iterator)
         return time_steps((images, labels) for images, labels, _ in iterator)
 
-    in_memory = time_steps(batches[2:])
-    return time_pipeline(from_memory), time_pipeline(streaming), in_memory
+    in_memory, ratios = [], {"decoded_once": [], "streaming": []}
+    for _ in range(rounds):
+        in_memory.append(time_steps(batches[2:]))
+        for name, dataset in (("decoded_once", from_memory), ("streaming", streaming)):
+            ratios[name].append(time_pipeline(dataset) / in_memory[-1])
+    return float(np.median(in_memory)), {
+        name: (float(np.median(values)), min(values), max(values))
+        for name, values in ratios.items()}
 
 
 def main():
@@ -207,11 +219,12 @@ def main():
               f"{row['val_accuracy']:>9.3f}{row['process_seconds']:>11.1f}"
               f"{plain['frozen_seconds'] / row['frozen_seconds']:>9.2f}x"
               f"{plain['process_seconds'] / row['process_seconds']:>10.2f}x")
-    decoded_once, streaming, in_memory = pipeline_overhead(data, weights, args)
-    print(f"input pipeline overhead, step time / {in_memory * 1000:.0f} ms on tensors in memory: "
-          f"trainer (decoded once) {decoded_once * 1000:.0f} ms = {decoded_once / in_memory:.3f}; "
-          f"streaming files {streaming * 1000:.0f} ms = {streaming / in_memory:.3f}")
-
+    in_memory, ratios = pipeline_overhead(data, weights, args)
+    print(f"input pipeline overhead, step time / step time on the same tensors in memory "
+          f"({in_memory * 1000:.0f} ms), median (range) of {ROUNDS} rounds: "
+          + "; ".join(f"{label} {ratios[name][0]:.3f} ({ratios[name][1]:.3f}-{ratios[name][2]:.3f})"
+                      for name, label in (("decoded_once", "trainer (decoded once)"),
+                                          ("streaming", "streaming files"))))
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import cli_env, error_line, run_module
+from trainer import export
 from trainer import model
 
 JOB = ["--data=demo", "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
@@ -50,15 +51,26 @@ def test_cached_and_uncached_phase_one_agree(tmp_path, uncached):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached):
+def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached, cache_home):
     temp = tmp_path / "tmp"
     temp.mkdir()
-    _, stdout, metrics = _train(tmp_path, "on_disk", "--cache_features=on",
-                                "--memory_budget_mb=0", env=cli_env(TMPDIR=str(temp)))
+    # Phase 1 only, so the final report is computed from the cached features too.
+    model_dir, stdout, metrics = _train(tmp_path, "on_disk", "--cache_features=on",
+                                        "--memory_budget_mb=0", "--fine_tune_epochs=0",
+                                        env=cli_env(TMPDIR=str(temp)))
     assert "cached backbone features" in stdout
-    for mine, theirs in zip(metrics["history"], uncached[2]["history"]):
+    for mine, theirs in zip(metrics["history"], uncached[2]["history"][:3]):
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4, abs=1e-5)
     assert not os.listdir(temp)  # the feature file was removed
+    # The exported model, reading the image files, gives the same confusion matrix.
+    serve = export.load(os.path.join(model_dir, "export"))
+    confusion = np.zeros((3, 3), int)
+    for label, name in enumerate(("circles", "squares", "triangles")):
+        folder = os.path.join(cache_home, "trainer", "demo_v1", "validation", name)
+        contents = [tf.io.read_file(os.path.join(folder, file)) for file in os.listdir(folder)]
+        predicted = serve(image_bytes=tf.stack(contents))["probabilities"].numpy().argmax(1)
+        np.add.at(confusion, (label, predicted), 1)
+    assert confusion.tolist() == metrics["confusion_matrix"]
 
 
 def test_augmentation_turns_caching_off_and_trains(tmp_path):

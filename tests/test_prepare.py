@@ -77,12 +77,17 @@ def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_sh
                          f"--min_shards={min_shards}", "--validation_split=0.5")
     assert process.returncode == 0, process.stderr[-2000:]
     split = data.scan(output).train
-    seen = []
-    for index in range(2):
-        context = tf.distribute.InputContext(2, index, 2)
-        for _, _, key in data.epoch_records(split, 0, 7, 4, context):
-            seen.append(int(key))
-    assert sorted(seen) == list(range(len(split)))
+    for deterministic in (True, False):
+        for global_batch in (4, 6):  # 8 records: 2 whole batches; 2 batches with 4 of padding
+            seen = []
+            for index in range(2):
+                context = tf.distribute.InputContext(2, index, 2)
+                keys = [int(key) for _, _, key in data.epoch_records(
+                    split, 0, 7, global_batch, context, deterministic)]
+                assert len(keys) == 2 * global_batch // 2
+                seen += keys
+            assert set(seen) == set(range(len(split)))
+            assert len(seen) == len(set(seen)) or global_batch == 6
 
 
 def test_resumed_record_stream_continues_with_the_same_batches(prepared):

@@ -68,6 +68,11 @@ class Config:
                                  SWITCHES)
     memory_budget_mb: int = _field(2048, "Cached features larger than this go to a file in the "
                                    "local temp dir instead of memory.")
+    deterministic: bool = _field(True, "Read training images in a fixed order, so that a run "
+                                 "resumed mid-epoch sees exactly the batches it would have. "
+                                 "--nodeterministic lets reads that finish first go first "
+                                 "(for slow remote shards); a resumed epoch may then repeat or "
+                                 "skip a few images.")
     class_weight: str = _field("none", "auto: weight each class's loss by total / (classes x "
                                "class count), for imbalanced data.", ("none", "auto"))
     export_tflite: bool = _field(False, "Also write model.tflite (float32 RGB 0..255 in, "
@@ -138,8 +143,8 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
 
 # Flags that may change between runs in one model_dir without making it a different run.
 RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "tfds_download", "checkpoint_every_steps",
-                   "cache_features", "memory_budget_mb", "steps_per_execution", "jit_compile",
-                   "export_tflite")
+                   "cache_features", "memory_budget_mb", "deterministic", "steps_per_execution",
+                   "jit_compile", "export_tflite")
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 

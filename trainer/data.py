@@ -294,8 +294,11 @@ def _ordered_records(split, order, global_batch, context):
     return stream.map(lambda _, example: example)
 
 
-def pipeline(split, order, weights, global_batch, image_size, context):
-    """One input pipeline's tf.data.Dataset of per-replica (images, labels, weights) batches."""
+def pipeline(split, order, weights, global_batch, image_size, context, deterministic=True):
+    """One input pipeline's tf.data.Dataset of per-replica (images, labels, weights) batches.
+
+    deterministic=False lets a decoded image overtake a slower one before it (faster reads
+    from remote storage): batches then hold slightly different images than `order` says."""
     mine = shard(order, global_batch, context)
     if not split.is_stream:
         sources = tf.data.Dataset.from_tensor_slices((split.paths[mine], split.labels[mine]))
@@ -310,47 +313,56 @@ def pipeline(split, order, weights, global_batch, image_size, context):
             contents = tf.io.read_file(contents)
         return decode_and_resize(contents, image_size), label, weight
 
-    # The map keeps its order (resume and the validation padding rely on it) while decoding in
-    # parallel; shuffling was done on the file list (train_order).
-    dataset = dataset.map(load, num_parallel_calls=AUTOTUNE)
+    # Shuffling was done on the file list (train_order); by default the parallel map keeps
+    # that order, which exact resume and row-indexed outputs (features) rely on.
+    dataset = dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
     return dataset.prefetch(AUTOTUNE)
 
 
-def epoch_records(split, epoch, seed, global_batch, context):
+def epoch_records(split, epoch, seed, global_batch, context, deterministic=True):
     """One pipeline's (encoded image, label, key) examples for one epoch of a prepared or TFDS
     split: steps_per_epoch x its share of the global batch of them. Files are shuffled by
     (seed, epoch) and divided between pipelines when there are enough of them, else the
-    examples are; a seeded shuffle buffer mixes them. Deterministic, so that a resumed epoch
-    can skip ahead."""
+    examples are; a seeded shuffle buffer mixes them. Deterministic unless asked otherwise, so
+    that a resumed epoch can skip ahead to exactly where it stopped."""
     pipelines, index = context.num_input_pipelines, context.input_pipeline_id
     epoch_seed = seed * 100_003 + epoch
     if split.tfds:
         import tensorflow_datasets as tfds
         builder, name = split.tfds
         by_file = len(builder.info.splits[name].file_instructions) >= pipelines
-        read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, add_tfds_id=True,
-                                      input_context=context if by_file else None)
-        examples = _tfds_stream(builder, name, shuffle_files=True, read_config=read_config)
     else:
         shards = np.array(split.shards)[
             np.random.default_rng([seed, epoch]).permutation(len(split.shards))]
         by_file = len(shards) >= pipelines
+    # Sharding by record needs every pipeline to see the records in the same order.
+    deterministic = deterministic or not by_file
+    if split.tfds:
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        read_config = tfds.ReadConfig(options=options, shuffle_seed=epoch_seed, add_tfds_id=True,
+                                      input_context=context if by_file else None)
+        examples = _tfds_stream(builder, name, shuffle_files=True, read_config=read_config)
+    else:
         if by_file:
             shards = shards[index::pipelines]
         examples = tf.data.Dataset.from_tensor_slices(shards).interleave(
             tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
-            num_parallel_calls=AUTOTUNE, deterministic=True).map(
-                _decode_record, num_parallel_calls=AUTOTUNE)
+            num_parallel_calls=AUTOTUNE, deterministic=deterministic).map(
+                _decode_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if not by_file:
         examples = examples.shard(pipelines, index)
-    examples = examples.shuffle(min(len(split), 4096), seed=epoch_seed,
+    shuffled = examples.shuffle(min(len(split), 4096), seed=epoch_seed,
                                 reshuffle_each_iteration=False)
+    # The padding to whole global batches comes from the start of the unshuffled stream: a
+    # second pass through the shuffle buffer would read the whole split again for a few records.
     steps = steps_per_epoch(len(split), global_batch)
-    return examples.repeat().take(steps * global_batch // pipelines)
+    return shuffled.concatenate(examples.repeat()).take(steps * global_batch // pipelines)
 
 
-def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context):
+def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context,
+                      deterministic=True):
     """Per-replica (images, labels, weights) batches for training steps [first_step, end_step).
 
     Image files follow train_order; prepared and TFDS splits stream epoch_records, skipping
@@ -358,20 +370,21 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
     if not split.is_stream:
         order = train_order(len(split), global_batch, seed, first_step, end_step)
         return pipeline(split, order, np.ones(len(order), np.float32), global_batch,
-                        image_size, context)
+                        image_size, context, deterministic)
     steps = steps_per_epoch(len(split), global_batch)
     per_pipeline = global_batch // context.num_input_pipelines
     records = None
     for epoch in range(first_step // steps, math.ceil(end_step / steps)):
         start, end = max(first_step - epoch * steps, 0), min(end_step - epoch * steps, steps)
-        epoch_part = epoch_records(split, epoch, seed, global_batch, context).skip(
+        epoch_part = epoch_records(split, epoch, seed, global_batch, context,
+                                   deterministic).skip(
             start * per_pipeline).take((end - start) * per_pipeline)
         records = epoch_part if records is None else records.concatenate(epoch_part)
 
     def load(contents, label, _):
         return decode_and_resize(contents, image_size), label, tf.constant(1.0)
 
-    dataset = records.map(load, num_parallel_calls=AUTOTUNE)
+    dataset = records.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
     return dataset.prefetch(AUTOTUNE)
 

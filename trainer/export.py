@@ -16,19 +16,23 @@ from trainer import files
 
 
 class _Serving(tf.Module):
+    """Tracks the model's variables, not the Keras model: saving a tracked Keras 3 model traces
+    every layer's call once more for functions serving never uses (6 of 7 s for MobileNetV2)."""
+
     def __init__(self, model, class_names, image_size):
         super().__init__()
-        self.model = model
+        self.model_variables = list(model.variables)
         self.class_names = tf.constant(class_names)
-        self.image_size = image_size
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(self, image_bytes):
-        images = tf.map_fn(lambda contents: data.decode_and_resize(contents, self.image_size),
-                           image_bytes, fn_output_signature=tf.float32)
-        probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
-        classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(image_bytes)[0], 1])
-        return {"probabilities": probabilities, "classes": classes}
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(image_bytes):
+            images = tf.map_fn(lambda contents: data.decode_and_resize(contents, image_size),
+                               image_bytes, fn_output_signature=tf.float32)
+            probabilities = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
+            classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(image_bytes)[0], 1])
+            return {"probabilities": probabilities, "classes": classes}
+
+        self.serve = serve
 
 
 def export(model, class_names, image_size, export_dir):

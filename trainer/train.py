@@ -90,6 +90,9 @@ class Trainer:
             data.class_weights(folder.train, len(folder.class_names)) if
             config.class_weight == "auto" else np.ones(len(folder.class_names)), tf.float32)
         self._feature_files = []
+        # Backbone features of the validation split while they still match the backbone: from
+        # the cached phase 1 until phase 2 changes it.
+        self._validation_features = None
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -209,7 +212,14 @@ class Trainer:
         return decoded
 
     def predict_validation(self):
-        """Class probabilities of every validation example."""
+        """Class probabilities of every validation example: the head on the cached features
+        when the run ended in the cached phase, else one pass over the images."""
+        if self._validation_features is not None:
+            features = self._validation_features
+            logits = np.concatenate([
+                self.classifier.head(features[start:start + 1024], training=False)
+                for start in range(0, len(features), 1024)])
+            return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
         inference = self.classifier.inference
         logits = self._outputs(lambda images: inference(images, training=False),
                                inference.output_shape[1:], self.folder.validation)
@@ -290,14 +300,15 @@ class Trainer:
                 if cached:
                     began = time.time()
                     train_cache = self._extract_features(self.folder.train)
-                    evaluate = self._evaluation(self.classifier.head,
-                                                self._extract_features(self.folder.validation))
+                    self._validation_features = self._extract_features(self.folder.validation)
+                    evaluate = self._evaluation(self.classifier.head, self._validation_features)
                     inputs = self._arrays(train_cache, self.folder.train, order, ones)
                     print(f"cached backbone features of {len(self.folder.train)} train and "
                           f"{len(self.folder.validation)} validation images in "
                           f"{time.time() - began:.1f}s: phase {phase.name} trains the head "
                           "on them (--cache_features)", flush=True)
                 else:
+                    self._validation_features = None
                     if decoded is None:
                         decoded = self._decode_once() or ()
                     if decoded:
@@ -310,7 +321,7 @@ class Trainer:
                             lambda context: data.training_pipeline(
                                 self.folder.train, first_step, phase_end,
                                 self.config.batch_size, self.config.image_size,
-                                self.config.seed, context))
+                                self.config.seed, context, self.config.deterministic))
                 iterator = iter(inputs)
                 train_steps = self._train_function(phase, cached)
                 for epoch in range(max(phase.first_epoch, start // self.steps_per_epoch),
