@@ -22,34 +22,36 @@ sys.path.insert(0, REPO)
 IMAGE_SIZE, BATCH = 224, 32
 
 
-def measure(kind, data):
-    """Images per second through one pipeline, after a warm-up batch (in this process)."""
+def measure(kind, data, epochs):
+    """Images per second through one pipeline over `epochs` passes, after a warm-up batch (in
+    this process)."""
     import tensorflow as tf
     from trainer import data as data_lib
     if kind == "keras":
         dataset = tf.keras.utils.image_dataset_from_directory(
             f"{data}/train", batch_size=BATCH, image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0,
-            verbose=False).prefetch(tf.data.AUTOTUNE)
-        count = sum(len(files) for _, _, files in tf.io.gfile.walk(f"{data}/train"))
+            verbose=False).repeat(epochs).prefetch(tf.data.AUTOTUNE)
+        count = sum(len(files) for _, _, files in tf.io.gfile.walk(f"{data}/train")) * epochs
     else:
         split = data_lib.scan(data, seed=0).train
-        dataset = data_lib.training_pipeline(split, 0, data_lib.steps_per_epoch(len(split), BATCH),
-                                             BATCH, IMAGE_SIZE, 0, tf.distribute.InputContext())
-        count = data_lib.steps_per_epoch(len(split), BATCH) * BATCH
+        steps = data_lib.steps_per_epoch(len(split), BATCH) * epochs
+        dataset = data_lib.training_pipeline(split, 0, steps, BATCH, IMAGE_SIZE, 0,
+                                             tf.distribute.InputContext())
+        count = steps * BATCH
     iterator = iter(dataset)
     first = next(iterator)[0].shape[0]
     began = time.time()
     seen = sum(int(batch[0].shape[0]) for batch in iterator)
-    return (count - first) / (time.time() - began), seen + first
+    assert seen + first == count, (seen + first, count)
+    return (count - first) / (time.time() - began)
 
 
-def child(kind, data):
-    rate, seen = measure(kind, data)
-    print(f"RESULT {rate:.1f} {seen}")
+def child(kind, data, epochs):
+    print(f"RESULT {measure(kind, data, int(epochs)):.1f}")
 
 
-def run_child(kind, data, env):
-    result = subprocess.run([sys.executable, __file__, "--child", kind, data],
+def run_child(kind, data, env, epochs):
+    result = subprocess.run([sys.executable, __file__, "--child", kind, data, str(epochs)],
                             capture_output=True, text=True, env=env, cwd=REPO)
     line = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
     if result.returncode or not line:
@@ -57,14 +59,14 @@ def run_child(kind, data, env):
     return float(line[0].split()[1])
 
 
-def measure_store(paths, env, rounds):
+def measure_store(paths, env, rounds, epochs):
     """Median images/s of (a)-(d) and median ratio to (a). The four run in turn, `rounds`
     times, each round giving its own ratios: this machine is shared and noisy, and a busy
     neighbour then slows a whole round rather than one side of a ratio."""
     import numpy as np
     runs = [("keras", paths["images"]), ("ours", paths["images"]), ("ours", paths["full"]),
             ("ours", paths["small"])]
-    rates = np.array([[run_child(kind, data, env) for kind, data in runs]
+    rates = np.array([[run_child(kind, data, env, epochs) for kind, data in runs]
                       for _ in range(rounds)])
     return np.median(rates, axis=0), np.median(rates / rates[:, :1], axis=0)
 
@@ -82,7 +84,9 @@ def main():
     parser.add_argument("--no_gcs", action="store_true", help="local disk only")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of local measurements "
                         "(median); gs:// is measured once, it is slow through the emulator")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the images per "
+                        "local measurement (one through the emulator)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
@@ -92,7 +96,7 @@ def main():
     local = demo.write(os.path.join(workdir, "images"), train_per_class=args.images // 2,
                        validation_per_class=4, size=(500, 375), classes=demo.CLASSES[:2])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    stores = [("local", env, args.rounds, {"images": local,
+    stores = [("local", env, args.rounds, args.epochs, {"images": local,
                               "full": prepare(local, os.path.join(workdir, "full"), env),
                               "small": prepare(local, os.path.join(workdir, "small"), env,
                                                "--max_side=256")})]
@@ -102,17 +106,17 @@ def main():
         emulator = Emulator(workdir)
         gcs_env = dict(env, **emulator.env)
         bucket = emulator.bucket("bench")
-        stores.append(("gs://", gcs_env, 1, {
+        stores.append(("gs://", gcs_env, 1, 1, {
             "images": emulator.upload_tree(local, f"{bucket}/images"),
             "full": prepare(local, f"{bucket}/full", gcs_env),
             "small": prepare(local, f"{bucket}/small", gcs_env, "--max_side=256")}))
     try:
         print(f"{args.images} train JPEGs of 500x375 -> {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, "
               f"{os.cpu_count()} CPUs; images/s (ratio to a), "
-              f"median of {args.rounds} rounds locally")
+              f"median of {args.rounds} rounds of {args.epochs} epochs locally, 1 of 1 on gs://")
         print(f"{'storage':<8}{'a keras':>16}{'b folder':>16}{'c tfrecord':>16}{'d max_side 256':>18}")
-        for name, store_env, rounds, paths in stores:
-            rates, ratios = measure_store(paths, store_env, rounds)
+        for name, store_env, rounds, epochs, paths in stores:
+            rates, ratios = measure_store(paths, store_env, rounds, epochs)
             cells = [f"{rate:8.0f} ({ratio:.2f}x)" for rate, ratio in zip(rates, ratios)]
             print(f"{name:<8}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{cells[3]:>18}")
     finally:

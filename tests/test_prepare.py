@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -67,6 +68,19 @@ def test_training_from_prepared_shards(prepared, tmp_path):
         metrics = json.load(handle)
     assert (metrics["train_images"], metrics["val_images"], metrics["skipped_images"]) == (18, 6, 1)
     assert sum(map(sum, metrics["confusion_matrix"])) == 6
+
+
+def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
+    _, output, _ = prepared
+    damaged = str(tmp_path / "records")
+    shutil.copytree(output, damaged)
+    with open(os.path.join(damaged, "train-00001-of-00004.tfrecord"), "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff" * 16)  # fails the record's CRC
+    process = run_module("trainer.task", f"--data={damaged}",
+                         f"--model_dir={tmp_path / 'run'}", *JOB)
+    assert process.returncode == 2
+    assert f"cannot read the data in --data={damaged}: corrupted record" in error_line(process)
 
 
 @pytest.mark.parametrize("min_shards", [4, 1])  # by file, then by record

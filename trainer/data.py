@@ -269,9 +269,9 @@ def shard(values, global_batch, context):
     return values.reshape(-1, pipelines, global_batch // pipelines)[:, index, :].reshape(-1)
 
 
-def _decode_record(record):
-    """(encoded image, label, key) of a prepared record."""
-    example = tf.io.parse_single_example(record, _RECORD_FEATURES)
+def _parse_records(records):
+    """(encoded images, labels, keys) of a batch of prepared records."""
+    example = tf.io.parse_example(records, _RECORD_FEATURES)
     return (example["image/encoded"], tf.cast(example["image/label"], tf.int32),
             tf.strings.as_string(example["image/index"]))
 
@@ -286,8 +286,8 @@ def _ordered_records(split, order, global_batch, context):
     if split.tfds:
         stream = _tfds_stream(*split.tfds).map(lambda contents, label, _: (contents, label))
     else:
-        stream = tf.data.TFRecordDataset(split.shards).map(
-            lambda record: _decode_record(record)[:2])
+        stream = tf.data.TFRecordDataset(split.shards).batch(global_batch).map(
+            lambda records: _parse_records(records)[:2]).unbatch()
     stream = stream.repeat().take(len(order)).enumerate()
     stream = stream.filter(
         lambda position, _: (position % global_batch) // per_pipeline == context.input_pipeline_id)
@@ -349,8 +349,7 @@ def epoch_records(split, epoch, seed, global_batch, context, deterministic=True)
             shards = shards[index::pipelines]
         examples = tf.data.Dataset.from_tensor_slices(shards).interleave(
             tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
-            num_parallel_calls=AUTOTUNE, deterministic=deterministic).map(
-                _decode_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if not by_file:
         examples = examples.shard(pipelines, index)
     shuffled = examples.shuffle(min(len(split), 4096), seed=epoch_seed,
@@ -358,7 +357,11 @@ def epoch_records(split, epoch, seed, global_batch, context, deterministic=True)
     # The padding to whole global batches comes from the start of the unshuffled stream: a
     # second pass through the shuffle buffer would read the whole split again for a few records.
     steps = steps_per_epoch(len(split), global_batch)
-    return shuffled.concatenate(examples.repeat()).take(steps * global_batch // pipelines)
+    epoch = shuffled.concatenate(examples.repeat()).take(steps * global_batch // pipelines)
+    if split.tfds:
+        return epoch
+    # Parsed a batch at a time: one vectorised parse instead of one per record.
+    return epoch.batch(global_batch // pipelines).map(_parse_records).unbatch()
 
 
 def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context,
@@ -384,7 +387,10 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
     def load(contents, label, _):
         return decode_and_resize(contents, image_size), label, tf.constant(1.0)
 
-    dataset = records.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    # Encoded records read ahead keep decoding busy while the next epoch fills its shuffle
+    # buffer (it reads up to 4096 records before handing out the first).
+    dataset = records.prefetch(4 * per_pipeline).map(
+        load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
     return dataset.prefetch(AUTOTUNE)
 

@@ -24,7 +24,7 @@ from trainer import report  # noqa: E402
 from trainer import strategy as strategy_lib  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.cli import run_main  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import UserError, op_reason  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
@@ -99,11 +99,16 @@ def main(argv):
         print(f"stopped by SIGTERM at step {stopped}: checkpoint saved; run the same command "
               "to resume", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except tf.errors.DataLossError as error:
+        raise UserError(f"cannot read the data in --data={config.data}: "
+                        f"{op_reason(error)}; the files are damaged: prepare "
+                        "or copy them again, then run the same command to resume from the last "
+                        "checkpoint") from None
     except (tf.errors.UnavailableError, tf.errors.AbortedError,
             tf.errors.CancelledError, tf.errors.DeadlineExceededError) as error:
         if kind != "multiworker":
             raise
-        raise UserError(f"another worker stopped ({error.message.splitlines()[0][:120]}); "
+        raise UserError(f"another worker stopped ({op_reason(error)}); "
                         "restart all workers with the same command to resume from the last "
                         "checkpoint") from None
 
