@@ -1,4 +1,4 @@
-# Shared by submit_job.sh and hptune.sh: argument checks and the worker pool YAML.
+# Shared by submit_job.sh and hptune.sh: option parsing and checks, and the worker pool YAML.
 # shellcheck shell=bash
 # shellcheck disable=SC2034,SC2154  # variables shared with the scripts that source this
 
@@ -16,7 +16,7 @@ common_defaults() {
   workers=2 tpu_topology="2x2" spec="" dry_run=false trainer_args=()
 }
 
-# Takes one shared option; returns 1 for any other.
+# Takes one option of both scripts; returns 1 for any other.
 common_option() {
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -35,6 +35,19 @@ common_option() {
     --dry-run) dry_run=true ;;
     *) return 1 ;;
   esac
+}
+
+# Parses the command line: the script's own options (script_option, which returns 1 for any
+# other), then the shared ones; everything after -- goes to trainer.task.
+parse_options() {
+  while (($#)); do
+    case "$1" in
+      -h|--help) usage; exit 0 ;;
+      --) shift; trainer_args=("$@"); break ;;
+      *) script_option "$1" || common_option "$1" || die "unknown option $1 (see --help)" ;;
+    esac
+    shift
+  done
 }
 
 # A double-quoted YAML scalar: safe for spaces, quotes, colons and backslashes.

@@ -31,18 +31,16 @@ common_defaults
 max_trials=12 parallel_trials=3
 declare -A ranges=([learning_rate]="1e-5,1e-3" [fine_tune_at]="60,140" [dropout]="0.1,0.5")
 
-while (($#)); do
+script_option() {
   case "$1" in
     --max_trials=*) max_trials="${1#*=}" ;;
     --parallel_trials=*) parallel_trials="${1#*=}" ;;
     --learning_rate=*|--fine_tune_at=*|--dropout=*) name="${1%%=*}"; ranges[${name#--}]="${1#*=}" ;;
     --no_tune=*) unset "ranges[${1#*=}]" ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; trainer_args=("$@"); break ;;
-    *) common_option "$1" || die "unknown option $1 (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
 require_basics
 [[ "$max_trials" =~ ^[0-9]+$ && "$parallel_trials" =~ ^[0-9]+$ ]] ||

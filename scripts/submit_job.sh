@@ -38,14 +38,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 common_defaults
 
-while (($#)); do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --) shift; trainer_args=("$@"); break ;;
-    *) common_option "$1" || die "unknown option $1 (see --help)" ;;
-  esac
-  shift
-done
+script_option() { return 1; }  # only the shared options
+parse_options "$@"
 
 require_basics
 worker_pool_specs "$preset" "${trainer_args[@]+"${trainer_args[@]}"}"

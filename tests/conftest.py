@@ -7,6 +7,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The backbone CLI tests train: small, and needs no weights download.
+TINY_MODEL = ["--backbone=small_cnn", "--base_weights=none"]
+
 CLOUD_VARIABLES = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "TF_CONFIG",
                    "CLUSTER_SPEC", "TPU_NAME")
 

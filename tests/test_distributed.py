@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, cli_env, run_module
+from tests.conftest import REPO, TINY_MODEL, cli_env, run_module
 
 WORKER_TIMEOUT = 240
-JOB = ["--data=demo", "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+JOB = ["--data=demo", *TINY_MODEL, "--image_size=48",
        "--epochs=2", "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=32"]
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import cli_env, error_line, run_module
+from tests.conftest import TINY_MODEL, cli_env, error_line, run_module
 from trainer import export
 from trainer import model
 
-JOB = ["--data=demo", "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+JOB = ["--data=demo", *TINY_MODEL, "--image_size=48",
        "--epochs=3", "--fine_tune_epochs=1", "--learning_rate=1e-2", "--dropout=0.2"]
 
 

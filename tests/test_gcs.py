@@ -11,9 +11,9 @@ import time
 import pytest
 
 from tests import images
-from tests.conftest import REPO, cli_env, error_line, run_module
+from tests.conftest import REPO, TINY_MODEL, cli_env, error_line, run_module
 
-JOB = ["--backbone=small_cnn", "--base_weights=none", "--image_size=32", "--epochs=3",
+JOB = [*TINY_MODEL, "--image_size=32", "--epochs=3",
        "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
 
 

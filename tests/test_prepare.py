@@ -10,10 +10,10 @@ import tensorflow as tf
 from PIL import Image
 
 from tests import images
-from tests.conftest import error_line, run_module
+from tests.conftest import TINY_MODEL, error_line, run_module
 from trainer import data
 
-JOB = ["--backbone=small_cnn", "--base_weights=none", "--image_size=32", "--epochs=2",
+JOB = [*TINY_MODEL, "--image_size=32", "--epochs=2",
        "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tests import images
-from tests.conftest import run_module
+from tests.conftest import TINY_MODEL, run_module
 from trainer import data
 from trainer import export
 
@@ -32,7 +32,7 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
     images.folder(root, classes=("green",), per_class=4, validation_per_class=2, size=32)
     images.save_corrupt(os.path.join(root, "train", "red", "broken.jpg"), "empty")
     process = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
-                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         *TINY_MODEL, "--image_size=32",
                          "--dry_run")
     assert process.returncode == 0, process.stderr[-2000:]
     assert "class imbalance in train: green 4, red 12 (largest/smallest 3.0)" in process.stdout
@@ -42,7 +42,7 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
     weights = data.class_weights(folder.train, 2)
     assert np.allclose(weights, [16 / (2 * 4), 16 / (2 * 12)])  # green, red
     trained = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
-                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         *TINY_MODEL, "--image_size=32",
                          "--epochs=1", "--fine_tune_epochs=0", "--batch_size=8",
                          "--class_weight=auto")
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -51,7 +51,7 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
 def test_tflite_export_agrees_with_the_saved_model(tmp_path):
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
-                         "--backbone=small_cnn", "--base_weights=none", "--image_size=48",
+                         *TINY_MODEL, "--image_size=48",
                          "--epochs=2", "--fine_tune_epochs=1", "--learning_rate=1e-2",
                          "--export_tflite")
     assert process.returncode == 0, process.stderr[-2000:]

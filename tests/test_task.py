@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests import images
-from tests.conftest import REPO, cli_env, error_line, run_module
+from tests.conftest import REPO, TINY_MODEL, cli_env, error_line, run_module
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,8 @@ def _resume_and_check(args, model_dir, first_output, step):
 
 def _long_job(tmp_path, *extra):
     model_dir = str(tmp_path / "run")
-    return model_dir, [f"--model_dir={model_dir}", "--data=demo", "--backbone=small_cnn",
-                       "--base_weights=none", "--image_size=48", "--epochs=30",
+    return model_dir, [f"--model_dir={model_dir}", "--data=demo", *TINY_MODEL,
+                       "--image_size=48", "--epochs=30",
                        "--fine_tune_epochs=2", "--learning_rate=1e-2", *extra]
 
 
@@ -213,7 +213,7 @@ def test_unreadable_images_are_counted_in_metrics(tmp_path):
     images.save_corrupt(os.path.join(root, "validation", "green", "empty.jpg"), "empty")
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--data={root}", f"--model_dir={model_dir}",
-                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         *TINY_MODEL, "--image_size=32",
                          "--epochs=1", "--fine_tune_epochs=1", "--batch_size=4")
     assert process.returncode == 0, process.stderr[-2000:]
     metrics = read_metrics(model_dir)
@@ -226,7 +226,7 @@ def test_unreadable_images_are_counted_in_metrics(tmp_path):
 def test_exploding_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
-                         "--backbone=small_cnn", "--base_weights=none", "--image_size=32",
+                         *TINY_MODEL, "--image_size=32",
                          "--epochs=2", "--fine_tune_epochs=2", "--learning_rate=1e-2",
                          "--fine_tune_learning_rate=1e30")
     assert process.returncode == 2
@@ -240,7 +240,7 @@ def test_exploding_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
 def test_mixed_precision_trains_and_exports(tmp_path, precision, policy):
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
-                         "--backbone=small_cnn", "--base_weights=none", "--learning_rate=1e-2",
+                         *TINY_MODEL, "--learning_rate=1e-2",
                          f"--mixed_precision={precision}", "--image_size=32", "--epochs=2",
                          "--fine_tune_epochs=1", "--steps_per_execution=4")
     assert process.returncode == 0, process.stderr[-2000:]

@@ -49,6 +49,10 @@ def write_text(path, text):
     write_bytes(path, text.encode())
 
 
+def write_lines(path, lines):
+    write_text(path, "".join(f"{line}\n" for line in lines))
+
+
 def write_json(path, value):
     write_text(path, json.dumps(value, indent=2) + "\n")
 

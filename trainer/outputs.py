@@ -76,7 +76,7 @@ def check(layout, config, overwrite):
 
 def write_start(layout, config, class_names):
     files.write_text(layout.path("config.yaml"), config.to_yaml())
-    files.write_text(layout.path("labels.txt"), "".join(f"{name}\n" for name in class_names))
+    files.write_lines(layout.path("labels.txt"), class_names)
 
 
 def write_metrics(layout, metrics):

@@ -113,8 +113,7 @@ def main(argv):
             splits[name]["per_class"] = {
                 class_name: int(np.sum(split.labels == label))
                 for label, class_name in enumerate(folder.class_names)}
-    files.write_text(files.join(output, "labels.txt"),
-                     "".join(f"{name}\n" for name in folder.class_names))
+    files.write_lines(files.join(output, "labels.txt"), folder.class_names)
     files.write_json(info_path, {
         "format": data.PREPARED_FORMAT,
         "source": folder.root,
