@@ -68,7 +68,7 @@ def make_folder(root, images):
     per_class = images // 2
     # Photo-sized (500x375 like cats_and_dogs_filtered) JPEGs at quality 90, 80/20 split.
     demo.write(root, train_per_class=per_class * 4 // 5, validation_per_class=per_class // 5,
-               size=(500, 375), classes=demo.CLASSES[:2])
+               size=(500, 375), classes=demo.CLASSES[:2], photos=True)
     return root
 
 

@@ -121,6 +121,14 @@ def test_prepare_into_gcs_then_train_from_the_shards(gcs, tmp_path):
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "colours/dataset_info.json" in gcs.list(output)
     assert "colours/train-00001-of-00002.tfrecord" in gcs.list(output)
+    # Shards in a bucket are read in parallel: still every record once per epoch over 2 workers.
+    count_keys = ("import sys, tensorflow as tf; from trainer import data; "
+                  "split = data.scan(sys.argv[1]).train; print(sorted(int(key) "
+                  "for index in range(2) for _, _, key in data.epoch_records("
+                  "split, 0, 7, 4, tf.distribute.InputContext(2, index, 2), False)))")
+    keys = subprocess.run([sys.executable, "-c", count_keys, output], capture_output=True,
+                          text=True, timeout=120, env=cli_env(**gcs.env), cwd=REPO)
+    assert keys.stdout.strip() == str(list(range(20))), keys.stderr[-3000:]
     model_dir = str(tmp_path / "run")
     process = run(gcs, "trainer.task", f"--data={output}", f"--model_dir={model_dir}", *JOB,
                   "--cache_features=off", "--memory_budget_mb=0")

@@ -2,7 +2,8 @@
 
 Three classes of shapes (circles, squares, triangles) with class-typical colours on grey
 noise, written as JPEG and PNG files in the same train/<class>/ and validation/<class>/ layout
-as user data, so the smoke job reads them through the real pipeline.
+as user data, so the smoke job reads them through the real pipeline. The benchmarks ask for
+photos instead: the same shapes on smooth random scenes, all JPEG.
 """
 
 import os
@@ -17,9 +18,26 @@ _COLOURS = ((220, 40, 40), (40, 200, 40), (40, 60, 220))
 VERSION = 1
 
 
-def _draw(kind, rng, width, height):
-    grey = int(rng.integers(60, 200))
-    image = Image.new("RGB", (width, height), (grey, grey, grey))
+def _scene(rng, width, height):
+    """A random colour scene whose spectrum falls off like a photograph's (amplitude ~ 1/f^1.5).
+
+    JPEG then compresses it to a photo's size (about 40 KB at 500x375, quality 90) and spends
+    a photo's decode work on it; pixel noise would not compress at all."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    falloff = np.maximum(np.hypot(fx, fy), 1 / max(width, height)) ** 1.5
+    shape = (3, height, fx.shape[1])
+    spectrum = (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / falloff
+    scene = np.fft.irfft2(spectrum, s=(height, width), axes=(1, 2))
+    scene = rng.uniform(90, 160) + 45 * (scene - scene.mean()) / scene.std()
+    return Image.fromarray(np.clip(np.moveaxis(scene, 0, -1), 0, 255).astype(np.uint8))
+
+
+def _draw(kind, rng, width, height, photo=False):
+    if photo:
+        image = _scene(rng, width, height)
+    else:
+        grey = int(rng.integers(60, 200))
+        image = Image.new("RGB", (width, height), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     colour = tuple(int(np.clip(c + rng.normal(0, 25), 0, 255)) for c in _COLOURS[kind])
     size = min(width, height)
@@ -34,23 +52,25 @@ def _draw(kind, rng, width, height):
     else:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
                      fill=colour)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 2 if photo else 10,
+                                                              (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def write(root, train_per_class=120, validation_per_class=30, size=(128, 128), seed=0,
-          classes=CLASSES):
+          classes=CLASSES, photos=False):
     """Writes the dataset under root (split/class/file); same arguments, same bytes.
-    size is (width, height); classes a prefix of CLASSES."""
+    size is (width, height); classes a prefix of CLASSES; photos: JPEGs of shapes on scenes
+    that compress like photographs (see _scene), for the benchmarks."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("validation", validation_per_class)):
         for kind, name in enumerate(classes):
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for index in range(count):
-                image = _draw(kind, rng, *size)
+                image = _draw(kind, rng, *size, photo=photos)
                 # Every fifth file a PNG, so the demo exercises more than one decoder.
-                if index % 5 == 4:
+                if index % 5 == 4 and not photos:
                     image.save(os.path.join(folder, f"{name}_{index:04d}.png"))
                 else:
                     image.save(os.path.join(folder, f"{name}_{index:04d}.jpg"), quality=90)
