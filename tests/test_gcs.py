@@ -122,10 +122,9 @@ def test_prepare_into_gcs_then_train_from_the_shards(gcs, tmp_path):
     assert "colours/dataset_info.json" in gcs.list(output)
     assert "colours/train-00001-of-00002.tfrecord" in gcs.list(output)
     # Shards in a bucket are read in parallel: still every record once per epoch over 2 workers.
-    count_keys = ("import sys, tensorflow as tf; from trainer import data; "
-                  "split = data.scan(sys.argv[1]).train; print(sorted(int(key) "
-                  "for index in range(2) for _, _, key in data.epoch_records("
-                  "split, 0, 7, 4, tf.distribute.InputContext(2, index, 2), False)))")
+    count_keys = ("import sys; from tests.test_prepare import keys_read_by_two_pipelines; "
+                  "from trainer import data; print(sorted(sum(keys_read_by_two_pipelines("
+                  "data.scan(sys.argv[1]).train, 4, False), [])))")
     keys = subprocess.run([sys.executable, "-c", count_keys, output], capture_output=True,
                           text=True, timeout=120, env=cli_env(**gcs.env), cwd=REPO)
     assert keys.stdout.strip() == str(list(range(20))), keys.stderr[-3000:]

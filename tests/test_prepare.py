@@ -83,6 +83,14 @@ def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
     assert f"cannot read the data in --data={damaged}: corrupted record" in error_line(process)
 
 
+def keys_read_by_two_pipelines(split, global_batch, deterministic):
+    """The record keys each of two input pipelines reads in epoch 0 (also run on gs:// by
+    test_gcs)."""
+    return [[int(key) for _, _, key in data.epoch_records(
+        split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2), deterministic)]
+        for index in range(2)]
+
+
 @pytest.mark.parametrize("min_shards", [4, 1])  # by file, then by record
 def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_shards):
     source = images.folder(str(tmp_path / "images"), per_class=8, size=16)
@@ -93,13 +101,9 @@ def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_sh
     split = data.scan(output).train
     for deterministic in (True, False):
         for global_batch in (4, 6):  # 8 records: 2 whole batches; 2 batches with 4 of padding
-            seen = []
-            for index in range(2):
-                context = tf.distribute.InputContext(2, index, 2)
-                keys = [int(key) for _, _, key in data.epoch_records(
-                    split, 0, 7, global_batch, context, deterministic)]
-                assert len(keys) == 2 * global_batch // 2
-                seen += keys
+            per_pipeline = keys_read_by_two_pipelines(split, global_batch, deterministic)
+            assert [len(keys) for keys in per_pipeline] == [2 * global_batch // 2] * 2
+            seen = per_pipeline[0] + per_pipeline[1]
             assert set(seen) == set(range(len(split)))
             assert len(seen) == len(set(seen)) or global_batch == 6
 
