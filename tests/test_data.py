@@ -22,6 +22,19 @@ def test_every_format_decodes_to_8bit_rgb(tmp_path, kind):
         assert np.allclose(image[..., 0], image[..., 1]) and image.max() > 40
 
 
+def test_a_batch_decodes_to_the_same_pixels_as_each_image_alone(tmp_path):
+    paths = [images.save(str(tmp_path / f"image.{kind}"), colour=colour, size=40, kind=kind)
+             for kind, colour in (("jpeg", (200, 30, 30)), ("png", (30, 200, 30)),
+                                  ("gray", (90, 90, 90)), ("gif", (30, 30, 200)))]
+    alone = np.stack([data.decode_and_resize(tf.io.read_file(path), 32).numpy() for path in paths])
+    from_paths = data.decode_batch(tf.constant(paths), 32, read_files=True)
+    from_bytes = data.decode_batch(tf.stack([tf.io.read_file(path) for path in paths]), 32,
+                                   read_files=False)
+    assert from_paths.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(from_paths.numpy(), alone)
+    np.testing.assert_array_equal(from_bytes.numpy(), alone)
+
+
 def test_scan_skips_and_counts_unreadable_files(tmp_path):
     root = images.folder(str(tmp_path), per_class=5)
     bad = [images.save_corrupt(str(tmp_path / "train" / "red" / f"bad_{kind}.jpg"), kind)

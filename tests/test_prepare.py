@@ -86,9 +86,9 @@ def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
 def keys_read_by_two_pipelines(split, global_batch, deterministic):
     """The record keys each of two input pipelines reads in epoch 0 (also run on gs:// by
     test_gcs)."""
-    return [[int(key) for _, _, key in data.epoch_records(
-        split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2), deterministic)]
-        for index in range(2)]
+    return [[int(key) for _, _, keys in data.epoch_records(
+        split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2), deterministic)
+        for key in keys] for index in range(2)]
 
 
 @pytest.mark.parametrize("min_shards", [4, 1])  # by file, then by record

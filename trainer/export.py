@@ -3,7 +3,7 @@
     serving_default(image_bytes: string[batch]) ->
         probabilities: float32[batch, classes], classes: string[batch, classes]
 
-Decoding and resizing use the same function as training (data.decode_and_resize).
+Decoding and resizing use the same function as training (data.decode_batch).
 """
 
 import os
@@ -26,8 +26,7 @@ class _Serving(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serve(image_bytes):
-            images = tf.map_fn(lambda contents: data.decode_and_resize(contents, image_size),
-                               image_bytes, fn_output_signature=tf.float32)
+            images = data.decode_batch(image_bytes, image_size, read_files=False)
             probabilities = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
             classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(image_bytes)[0], 1])
             return {"probabilities": probabilities, "classes": classes}
