@@ -395,9 +395,8 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
         return pipeline(split, order, np.ones(len(order), np.float32), global_batch,
                         image_size, context, deterministic)
     steps = steps_per_epoch(len(split), global_batch)
-    # Batches a step: the per-replica batches of this pipeline's replicas.
-    per_step = global_batch // context.num_input_pipelines // context.get_per_replica_batch_size(
-        global_batch)
+    # Batches a step: one per replica this pipeline feeds.
+    per_step = context.num_replicas_in_sync // context.num_input_pipelines
     records = None
     for epoch in range(first_step // steps, math.ceil(end_step / steps)):
         start, end = max(first_step - epoch * steps, 0), min(end_step - epoch * steps, steps)
