@@ -27,16 +27,17 @@ def measure(kind, data, epochs):
     """Images per second through one pipeline over `epochs` passes, after a warm-up batch (in
     this process)."""
     import tensorflow as tf
-    from trainer import data as data_lib
+    from trainer import pipelines
+    from trainer import sources
     if kind == "keras":
         dataset = tf.keras.utils.image_dataset_from_directory(
             f"{data}/train", batch_size=BATCH, image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0,
             verbose=False).repeat(epochs).prefetch(tf.data.AUTOTUNE)
         count = sum(len(files) for _, _, files in tf.io.gfile.walk(f"{data}/train")) * epochs
     else:
-        split = data_lib.scan(data, seed=0).train
-        steps = data_lib.steps_per_epoch(len(split), BATCH) * epochs
-        dataset = data_lib.training_pipeline(split, 0, steps, BATCH, IMAGE_SIZE, 0,
+        split = sources.scan(data, seed=0).train
+        steps = pipelines.steps_per_epoch(len(split), BATCH) * epochs
+        dataset = pipelines.training_pipeline(split, 0, steps, BATCH, IMAGE_SIZE, 0,
                                              tf.distribute.InputContext())
         count = steps * BATCH
     iterator = iter(dataset)

@@ -130,9 +130,10 @@ def pipeline_overhead(data, weights, args, steps=8, rounds=ROUNDS):
     import keras
     import numpy as np
     import tensorflow as tf
-    from trainer import data as data_lib
+    from trainer import pipelines
+    from trainer import sources
     from trainer import model
-    folder = data_lib.scan(data, seed=0)
+    folder = sources.scan(data, seed=0)
     classifier = model.build("mobilenet_v2", weights, args.image_size, 2, 0.2)
     model.set_phase(classifier, "head", 0)
     optimizer = keras.optimizers.Adam(1e-3)
@@ -147,18 +148,18 @@ def pipeline_overhead(data, weights, args, steps=8, rounds=ROUNDS):
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
-    order = data_lib.train_order(len(folder.train), args.batch_size, 0, 0, steps + 2)
+    order = pipelines.train_order(len(folder.train), args.batch_size, 0, 0, steps + 2)
     ones = np.ones(len(order), np.float32)
     context = tf.distribute.InputContext()
-    streaming = data_lib.pipeline(folder.train, order, ones, args.batch_size, args.image_size,
-                                  context)
-    eval_order, eval_weights = data_lib.evaluation_order(len(folder.train), args.batch_size)
+    streaming = pipelines.pipeline(folder.train, order, ones, args.batch_size, args.image_size,
+                                   context)
+    eval_order, eval_weights = pipelines.evaluation_order(len(folder.train), args.batch_size)
     decoded = np.zeros((len(folder.train), args.image_size, args.image_size, 3), np.float32)
-    for step, (images, _, _) in enumerate(data_lib.pipeline(
+    for step, (images, _, _) in enumerate(pipelines.pipeline(
             folder.train, eval_order, eval_weights, args.batch_size, args.image_size, context)):
         decoded[eval_order[step * args.batch_size:(step + 1) * args.batch_size]] = images
-    from_memory = data_lib.array_pipeline(decoded, folder.train.labels, order, ones,
-                                          args.batch_size, context)
+    from_memory = pipelines.array_pipeline(decoded, folder.train.labels, order, ones,
+                                           args.batch_size, context)
     batches = [(images, labels) for images, labels, _ in streaming]
     for images, labels in batches[:2]:  # trace and warm up
         train_step(images, labels).numpy()

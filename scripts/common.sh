@@ -90,15 +90,16 @@ worker_pool_specs() {
       image="${image_uri:-$DEFAULT_TPU_IMAGE}"; machine="${machine_type:-ct5lp-hightpu-4t}"
       args=("--strategy=tpu" "--tpu=local" "${args[@]+"${args[@]}"}") ;;
   esac
-  local nl=$'\n'
-  pool="  - machineSpec:${nl}      machineType: $(yaml_string "$machine")${nl}"
+  local nl=$'\n' machine_yaml
+  machine_yaml="  - machineSpec:${nl}      machineType: $(yaml_string "$machine")${nl}"
   if [[ -n "$accelerator" ]]; then
-    pool+="      acceleratorType: $(yaml_string "$accelerator")${nl}      acceleratorCount: $count${nl}"
+    machine_yaml+="      acceleratorType: $(yaml_string "$accelerator")${nl}      acceleratorCount: $count${nl}"
   fi
   if [[ "$preset" == tpu ]]; then
-    pool+="      tpuTopology: $(yaml_string "$tpu_topology")${nl}"
+    machine_yaml+="      tpuTopology: $(yaml_string "$tpu_topology")${nl}"
   fi
-  pool+="    replicaCount: REPLICAS${nl}    pythonPackageSpec:${nl}"
+  # Everything after replicaCount, the same in every pool.
+  pool="    pythonPackageSpec:${nl}"
   pool+="      executorImageUri: $(yaml_string "$image")${nl}"
   pool+="      packageUris: [$(yaml_string "$package")]${nl}"
   pool+="      pythonModule: trainer.task${nl}      args:"
@@ -110,9 +111,9 @@ worker_pool_specs() {
   for arg in "${args[@]+"${args[@]}"}"; do
     pool+="        - $(yaml_string "$arg")${nl}"
   done
-  pools_yaml="${pool//REPLICAS/1}"
+  pools_yaml="${machine_yaml}    replicaCount: 1${nl}${pool}"
   if [[ "$preset" == multiworker ]]; then
-    pools_yaml+="${pool//REPLICAS/$workers}"
+    pools_yaml+="${machine_yaml}    replicaCount: $workers${nl}${pool}"
   fi
 }
 

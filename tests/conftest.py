@@ -7,6 +7,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(items):
+    """The fast tier first: a broken unit fails in the first minutes, before the end-to-end
+    runs (marked slow) take their ten."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
 # The backbone CLI tests train: small, and needs no weights download.
 TINY_MODEL = ["--backbone=small_cnn", "--base_weights=none"]
 

@@ -5,14 +5,15 @@ import pytest
 import tensorflow as tf
 
 from tests import images
-from trainer import data
+from trainer import pipelines
+from trainer import sources
 from trainer.errors import UserError
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "bmp", "gif", "gray", "rgba", "cmyk", "png16"])
 def test_every_format_decodes_to_8bit_rgb(tmp_path, kind):
     path = images.save(str(tmp_path / f"image.{kind}"), colour=(200, 30, 30), size=40, kind=kind)
-    image = data.decode_and_resize(tf.io.read_file(path), 32).numpy()
+    image = pipelines.decode_and_resize(tf.io.read_file(path), 32).numpy()
     assert image.shape == (32, 32, 3) and image.dtype == np.float32
     assert 0 <= image.min() and image.max() <= 255
     if kind in ("jpeg", "png", "bmp", "gif", "rgba", "cmyk"):  # colour survives: red dominates
@@ -26,9 +27,9 @@ def test_a_batch_decodes_to_the_same_pixels_as_each_image_alone(tmp_path):
     paths = [images.save(str(tmp_path / f"image.{kind}"), colour=colour, size=40, kind=kind)
              for kind, colour in (("jpeg", (200, 30, 30)), ("png", (30, 200, 30)),
                                   ("gray", (90, 90, 90)), ("gif", (30, 30, 200)))]
-    alone = np.stack([data.decode_and_resize(tf.io.read_file(path), 32).numpy() for path in paths])
-    from_paths = data.decode_batch(tf.constant(paths), 32, read_files=True)
-    from_bytes = data.decode_batch(tf.stack([tf.io.read_file(path) for path in paths]), 32,
+    alone = np.stack([pipelines.decode_and_resize(tf.io.read_file(path), 32).numpy() for path in paths])
+    from_paths = pipelines.decode_batch(tf.constant(paths), 32, read_files=True)
+    from_bytes = pipelines.decode_batch(tf.stack([tf.io.read_file(path) for path in paths]), 32,
                                    read_files=False)
     assert from_paths.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(from_paths.numpy(), alone)
@@ -44,7 +45,7 @@ def test_scan_skips_and_counts_unreadable_files(tmp_path):
                   "rgba": "png", "png16": "png"}
     for kind, extension in extensions.items():
         images.save(str(tmp_path / "train" / "green" / f"odd_{kind}.{extension}"), kind=kind)
-    folder = data.scan(root, validation_split=0.2, seed=1)
+    folder = sources.scan(root, validation_split=0.2, seed=1)
     assert sorted(folder.skipped) == sorted(bad)
     assert len(folder.train) + len(folder.validation) == 5 + 5 + 7
     assert folder.class_names == ["green", "red"]
@@ -52,53 +53,53 @@ def test_scan_skips_and_counts_unreadable_files(tmp_path):
 
 def test_validation_split_is_stratified_and_seeded(tmp_path):
     root = images.folder(str(tmp_path), per_class=10)
-    first = data.scan(root, validation_split=0.2, seed=7)
+    first = sources.scan(root, validation_split=0.2, seed=7)
     assert [int(np.sum(first.validation.labels == label)) for label in (0, 1)] == [2, 2]
-    assert list(data.scan(root, 0.2, seed=7).validation.paths) == list(first.validation.paths)
-    assert list(data.scan(root, 0.2, seed=8).validation.paths) != list(first.validation.paths)
+    assert list(sources.scan(root, 0.2, seed=7).validation.paths) == list(first.validation.paths)
+    assert list(sources.scan(root, 0.2, seed=8).validation.paths) != list(first.validation.paths)
     assert not set(first.validation.paths) & set(first.train.paths)
 
 
 def test_validation_folder_is_used_when_present(tmp_path):
-    folder = data.scan(images.folder(str(tmp_path), per_class=4, validation_per_class=2))
+    folder = sources.scan(images.folder(str(tmp_path), per_class=4, validation_per_class=2))
     assert (len(folder.train), len(folder.validation)) == (8, 4)
     assert folder.validation_source == "validation/"
 
 
 def test_error_cases_name_the_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        data.scan(str(tmp_path / "missing"))
+        sources.scan(str(tmp_path / "missing"))
     os.makedirs(tmp_path / "flat")
     with pytest.raises(UserError, match="has no train/ folder"):
-        data.scan(str(tmp_path / "flat"))
+        sources.scan(str(tmp_path / "flat"))
     single = images.folder(str(tmp_path / "single"), classes=("red",))
     with pytest.raises(UserError, match=r"train holds 1 class folder\(s\) \['red'\]"):
-        data.scan(single)
+        sources.scan(single)
     empty = images.folder(str(tmp_path / "empty"))
     os.makedirs(os.path.join(empty, "train", "blue"))
     with pytest.raises(UserError, match=r"class folder .*empty/train/blue holds no images"):
-        data.scan(empty)
+        sources.scan(empty)
     differ = images.folder(str(tmp_path / "differ"), validation_per_class=1)
     images.save(os.path.join(differ, "validation", "blue", "b.jpg"))
     with pytest.raises(UserError, match=r"validation has classes \['blue', 'green', 'red'\]"):
-        data.scan(differ)
+        sources.scan(differ)
     broken = images.folder(str(tmp_path / "broken"))
     images.save_corrupt(os.path.join(broken, "train", "blue", "x.jpg"), "text")
     with pytest.raises(UserError, match="broken/train/blue holds no readable image"):
-        data.scan(broken)
+        sources.scan(broken)
 
 
 def test_train_order_resumes_mid_epoch_identically():
-    whole = data.train_order(10, 4, seed=3, start_step=0, end_step=9)
+    whole = pipelines.train_order(10, 4, seed=3, start_step=0, end_step=9)
     assert len(whole) == 9 * 4
     epoch = whole[:12]
     assert sorted(set(epoch)) == list(range(10))  # every example each epoch, 2 repeated to pad
     assert not np.array_equal(whole[:12], whole[12:24])  # reshuffled every epoch
-    assert np.array_equal(data.train_order(10, 4, seed=3, start_step=4, end_step=9), whole[16:])
+    assert np.array_equal(pipelines.train_order(10, 4, seed=3, start_step=4, end_step=9), whole[16:])
 
 
 def test_evaluation_order_pads_with_zero_weight():
-    order, weights = data.evaluation_order(10, 4)
+    order, weights = pipelines.evaluation_order(10, 4)
     assert len(order) == 12 and list(order[:10]) == list(range(10))
     assert weights.sum() == 10 and list(weights[10:]) == [0, 0]
 
@@ -106,14 +107,14 @@ def test_evaluation_order_pads_with_zero_weight():
 def test_two_input_pipelines_read_every_example_exactly_once(tmp_path):
     """What each worker of a two-worker job reads: together the order, with no overlap."""
     root = images.folder(str(tmp_path), per_class=6, size=16)
-    folder = data.scan(root, validation_split=0.5)
-    order = data.train_order(len(folder.train), 4, seed=0, start_step=0, end_step=3)
+    folder = sources.scan(root, validation_split=0.5)
+    order = pipelines.train_order(len(folder.train), 4, seed=0, start_step=0, end_step=3)
     weights = np.arange(len(order), dtype=np.float32)  # weights tag each position in order
     positions = []
     for index in range(2):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index,
                                              num_replicas_in_sync=2)
-        batches = list(data.pipeline(folder.train, order, weights, 4, 16, context))
+        batches = list(pipelines.pipeline(folder.train, order, weights, 4, 16, context))
         assert len(batches) == 3 and all(batch[1].shape == (2,) for batch in batches)
         for _, labels, tags in batches:
             assert list(labels.numpy()) == list(folder.train.labels[order[tags.numpy().astype(int)]])

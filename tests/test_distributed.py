@@ -6,12 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from tests.conftest import REPO, TINY_MODEL, cli_env, run_module
+
+pytestmark = pytest.mark.slow  # every test here runs worker processes
 
 WORKER_TIMEOUT = 240
 JOB = ["--data=demo", *TINY_MODEL, "--image_size=48",
@@ -134,34 +135,9 @@ def test_killed_worker_then_restart_of_all_completes(tmp_path):
 
 def test_mirrored_over_two_cpus_matches_one_device(tmp_path):
     """Same global batch, same seed: 2 replicas must give the same weights as 1."""
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf, keras
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tests import images
-        from trainer import config as config_lib, data, model, strategy as strategy_lib, train
-        folder = data.scan(images.folder("{tmp_path}/data", per_class=8, size=32), 0.25, 0)
-        config = config_lib.Config(data="x", backbone="small_cnn", base_weights="none",
-                                   image_size=32, batch_size=8, epochs=2, fine_tune_epochs=1,
-                                   learning_rate=1e-2, fine_tune_learning_rate=1e-3, dropout=0.0)
-        weights = []
-        for index, strategy in enumerate([tf.distribute.get_strategy(),
-                                          tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])]):
-            keras.utils.set_random_seed(0)
-            with strategy.scope():
-                classifier = model.build("small_cnn", "none", 32, 2, 0.0)
-            execution = strategy_lib.execution("cpu", "off", 1, "off", 2)
-            trainer = train.Trainer(config, strategy, execution, classifier, folder,
-                                    "{tmp_path}/ckpt%d" % index, "{tmp_path}/logs%d" % index, True)
-            history = trainer.fit()
-            print("replicas", strategy.num_replicas_in_sync, "loss", history[-1]["loss"])
-            weights.append([w.numpy() for w in classifier.model.weights])
-        for a, b in zip(*weights):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-        print("same weights")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=cli_env(), cwd=REPO, timeout=180)
+    result = subprocess.run([sys.executable, "-m", "tests.programs.mirrored_two_cpus",
+                             str(tmp_path)], capture_output=True, text=True, env=cli_env(),
+                            cwd=REPO, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     replicas = [line.split()[1] for line in result.stdout.splitlines()
                 if line.startswith("replicas")]

@@ -38,6 +38,7 @@ def uncached(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("uncached"), "run", "--cache_features=off")
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_phase_one_agree(tmp_path, uncached):
     model_dir, stdout, metrics = _train(tmp_path, "cached", "--cache_features=auto")
     assert "cached backbone features of 360 train and 90 validation images" in stdout
@@ -51,6 +52,7 @@ def test_cached_and_uncached_phase_one_agree(tmp_path, uncached):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached, cache_home):
     temp = tmp_path / "tmp"
     temp.mkdir()
@@ -73,12 +75,14 @@ def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached, cache_
     assert confusion.tolist() == metrics["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_augmentation_turns_caching_off_and_trains(tmp_path):
     _, stdout, metrics = _train(tmp_path, "augmented", "--augment=tutorial")
     assert "cached backbone features" not in stdout
     assert not metrics["cached_features"] and metrics["epochs_completed"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--cache_features=on", "--augment=flip"], "--cache_features='on' cannot be 'on' with "
                                                 "--augment"),

@@ -13,6 +13,8 @@ import pytest
 from tests import images
 from tests.conftest import REPO, TINY_MODEL, cli_env, error_line, run_module
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
+
 JOB = [*TINY_MODEL, "--image_size=32", "--epochs=3",
        "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
 
@@ -104,11 +106,11 @@ def test_killed_run_resumes_from_gcs(gcs, tmp_path):
 @pytest.mark.parametrize("flag", ["--data=gs://no-such-bucket/photos",
                                   "--model_dir=gs://no-such-bucket/run"])
 def test_missing_bucket_is_a_one_line_error_without_hanging(gcs, flag):
-    began = time.time()
     process = run(gcs, "trainer.task", "--data=demo", *JOB, flag, timeout=120)
     assert process.returncode == 2
     assert "no-such-bucket" in error_line(process)
-    assert time.time() - began < 60
+    # Found before anything else: no data line, no strategy line, nothing trained.
+    assert process.stdout == ""
 
 
 def test_prepare_into_gcs_then_train_from_the_shards(gcs, tmp_path):
@@ -123,8 +125,8 @@ def test_prepare_into_gcs_then_train_from_the_shards(gcs, tmp_path):
     assert "colours/train-00001-of-00002.tfrecord" in gcs.list(output)
     # Shards in a bucket are read in parallel: still every record once per epoch over 2 workers.
     count_keys = ("import sys; from tests.test_prepare import keys_read_by_two_pipelines; "
-                  "from trainer import data; print(sorted(sum(keys_read_by_two_pipelines("
-                  "data.scan(sys.argv[1]).train, 4, False), [])))")
+                  "from trainer import sources; print(sorted(sum(keys_read_by_two_pipelines("
+                  "sources.scan(sys.argv[1]).train, 4, False), [])))")
     keys = subprocess.run([sys.executable, "-c", count_keys, output], capture_output=True,
                           text=True, timeout=120, env=cli_env(**gcs.env), cwd=REPO)
     assert keys.stdout.strip() == str(list(range(20))), keys.stderr[-3000:]

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -51,25 +50,11 @@ def test_base_weights_path_loads_the_files_weights(tmp_path):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
+@pytest.mark.slow
 def test_imagenet_weights_come_from_keras_home_without_network(tmp_path):
     """The file Keras downloads, placed where Keras looks: the real weights='imagenet' path."""
-    script = textwrap.dedent(f"""
-        import h5py, keras, numpy as np
-        from keras.src.legacy.saving import legacy_h5_format
-        from trainer import model
-        keras.utils.set_random_seed(1)
-        source = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False,
-                                                weights=None)
-        name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
-        import os; os.makedirs("{tmp_path}/models")
-        with h5py.File("{tmp_path}/models/" + name, "w") as handle:
-            legacy_h5_format.save_weights_to_hdf5_group(handle, source)
-        loaded = model.build_backbone("mobilenet_v2", "imagenet", 96)
-        assert all(np.array_equal(a.numpy(), b.numpy())
-                   for a, b in zip(loaded.weights, source.weights))
-        print("loaded", len(loaded.weights))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "tests.programs.imagenet_from_keras_home"],
+                            capture_output=True, text=True, cwd=REPO,
                             env={"KERAS_HOME": str(tmp_path), "PYTHONPATH": REPO,
                                  "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
                             timeout=120)

@@ -7,11 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from tests import images
 from tests.conftest import TINY_MODEL, error_line, run_module
-from trainer import data
+from trainer import pipelines
+from trainer import records
+from trainer import sources
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 
 JOB = [*TINY_MODEL, "--image_size=32", "--epochs=2",
        "--fine_tune_epochs=1", "--learning_rate=1e-2", "--batch_size=8"]
@@ -31,7 +34,7 @@ def prepared(tmp_path_factory):
 
 def test_prepare_writes_shards_index_and_info(prepared):
     source, output, process = prepared
-    with open(os.path.join(output, data.DATASET_INFO)) as handle:
+    with open(os.path.join(output, records.DATASET_INFO)) as handle:
         info = json.load(handle)
     assert info["class_names"] == ["green", "red"]
     assert info["splits"]["train"]["count"] == 18 and info["splits"]["validation"]["count"] == 6
@@ -45,7 +48,7 @@ def test_prepare_writes_shards_index_and_info(prepared):
     assert "shard 4/4 written" in process.stdout
     record = next(iter(tf.data.TFRecordDataset(os.path.join(output, info["splits"]["train"]
                                                              ["shards"][0]))))
-    example = tf.io.parse_single_example(record, data._RECORD_FEATURES)
+    example = tf.io.parse_single_example(record, records.FEATURES)
     assert tf.io.decode_jpeg(example["image/encoded"]).shape == (40, 40, 3)  # was 80 x 80
 
 
@@ -86,7 +89,7 @@ def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
 def keys_read_by_two_pipelines(split, global_batch, deterministic):
     """The record keys each of two input pipelines reads in epoch 0 (also run on gs:// by
     test_gcs)."""
-    return [[int(key) for _, _, keys in data.epoch_records(
+    return [[int(key) for _, _, keys in pipelines.epoch_records(
         split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2), deterministic)
         for key in keys] for index in range(2)]
 
@@ -98,7 +101,7 @@ def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_sh
     process = run_module("trainer.prepare", f"--images={source}", f"--output={output}",
                          f"--min_shards={min_shards}", "--validation_split=0.5")
     assert process.returncode == 0, process.stderr[-2000:]
-    split = data.scan(output).train
+    split = sources.scan(output).train
     for deterministic in (True, False):
         for global_batch in (4, 6):  # 8 records: 2 whole batches; 2 batches with 4 of padding
             per_pipeline = keys_read_by_two_pipelines(split, global_batch, deterministic)
@@ -110,11 +113,11 @@ def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_sh
 
 def test_resumed_record_stream_continues_with_the_same_batches(prepared):
     _, output, _ = prepared
-    split = data.scan(output).train
+    split = sources.scan(output).train
     context = tf.distribute.InputContext()
 
     def batches(first_step):
-        dataset = data.training_pipeline(split, first_step, 9, 8, 16, 3, context)
+        dataset = pipelines.training_pipeline(split, first_step, 9, 8, 16, 3, context)
         return [(images.numpy(), labels.numpy()) for images, labels, _ in dataset]
 
     whole, resumed = batches(0), batches(4)

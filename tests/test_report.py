@@ -3,12 +3,17 @@
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests import images
 from tests.conftest import TINY_MODEL, run_module
-from trainer import data
+from trainer import config as config_lib
+from trainer import pipelines
+from trainer import sources
 from trainer import export
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -38,8 +43,8 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
     assert "class imbalance in train: green 4, red 12 (largest/smallest 3.0)" in process.stdout
     assert "--class_weight=auto" in process.stdout
     assert "unreadable    1 file(s) skipped" in process.stdout and "broken.jpg" in process.stdout
-    folder = data.scan(root)
-    weights = data.class_weights(folder.train, 2)
+    folder = sources.scan(root)
+    weights = sources.class_weights(folder.train, 2)
     assert np.allclose(weights, [16 / (2 * 4), 16 / (2 * 12)])  # green, red
     trained = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
                          *TINY_MODEL, "--image_size=32",
@@ -55,7 +60,7 @@ def test_tflite_export_agrees_with_the_saved_model(tmp_path):
                          "--epochs=2", "--fine_tune_epochs=1", "--learning_rate=1e-2",
                          "--export_tflite")
     assert process.returncode == 0, process.stderr[-2000:]
-    folder = data.scan("demo")
+    folder = sources.scan(config_lib.data_root("demo"))
     paths = list(folder.validation.paths[::15])
     contents = [tf.io.read_file(path) for path in paths]
     saved = export.load(os.path.join(model_dir, "export"))(image_bytes=tf.stack(contents))
@@ -65,7 +70,7 @@ def test_tflite_export_agrees_with_the_saved_model(tmp_path):
     interpreter.resize_tensor_input(source["index"], [1, 48, 48, 3])
     interpreter.allocate_tensors()
     for index, content in enumerate(contents):
-        pixels = data.decode_and_resize(content, 48).numpy()[np.newaxis]
+        pixels = pipelines.decode_and_resize(content, 48).numpy()[np.newaxis]
         interpreter.set_tensor(source["index"], pixels)
         interpreter.invoke()
         np.testing.assert_allclose(interpreter.get_tensor(result["index"])[0],

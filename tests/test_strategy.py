@@ -24,9 +24,12 @@ VERTEX_SPEC = {"cluster": {"workerpool0": ["chief:2222"], "workerpool1": ["w0:22
     ({"TPU_NAME": "my-tpu", "TF_CONFIG": TWO_WORKERS}, 8, "tpu"),
 ])
 def test_auto_prefers_tpu_then_cluster_then_gpu_then_cpu(environ, gpus, expected):
-    with mock.patch("os.path.exists", return_value=False):
-        kind, reason = strategy.pick("auto", "", environ, gpus=gpus)
+    kind, reason = strategy.pick("auto", "", environ, gpus=gpus, tpu_device=False)
     assert kind == expected and reason
+
+
+def test_auto_finds_the_chips_of_a_tpu_vm():
+    assert strategy.pick("auto", "", {}, gpus=0, tpu_device=True)[0] == "tpu"
 
 
 def test_explicit_choice_is_kept():

@@ -79,6 +79,15 @@ def test_submit_job_spec_parses_as_a_custom_job_spec(preset, pools, machine, acc
     assert "--display-name=run\\ 1" in command and "--config=" in command
 
 
+def test_trainer_flags_are_passed_as_they_are_to_every_pool():
+    # Words the script itself uses in the spec's text must not be rewritten in the flags.
+    flags = ["--data=gs://b/REPLICAS", "--model_dir=gs://b/replicaCount: 9"]
+    _, spec = dry_run("submit_job.sh", "--preset=multiworker", *BASE, "--workers=4", "--", *flags)
+    job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
+    assert [pool.replica_count for pool in job.worker_pool_specs] == [1, 4]
+    assert [list(pool.python_package_spec.args) for pool in job.worker_pool_specs] == [flags] * 2
+
+
 def test_hptune_spec_parses_as_a_hyperparameter_tuning_job():
     _, spec = dry_run("hptune.sh", "--preset=gpu", *BASE, "--display_name=tune",
                       "--max_trials=8", "--parallel_trials=2", "--dropout=0.2,0.4",
@@ -118,6 +127,7 @@ def test_scripts_have_help():
         assert process.returncode == 0 and process.stdout.startswith("Usage:"), name
 
 
+@pytest.mark.slow
 def test_package_installs_into_a_fresh_venv_and_runs(tmp_path):
     process = script("build_package.sh", f"--dist={tmp_path / 'dist'}",
                      env=cli_env(PYTHON=sys.executable))
@@ -147,6 +157,7 @@ def test_package_installs_into_a_fresh_venv_and_runs(tmp_path):
     assert "--strategy" in helped.stdout and "--base_weights" in helped.stdout
 
 
+@pytest.mark.slow
 def test_package_uploads_to_a_bucket(gcs, tmp_path):
     bucket = gcs.bucket("packages")
     env = cli_env(PYTHON=sys.executable, **gcs.env)
@@ -157,6 +168,7 @@ def test_package_uploads_to_a_bucket(gcs, tmp_path):
     assert gcs.list(bucket) == ["packages/trainer-0.1.0.tar.gz"]
 
 
+@pytest.mark.slow
 def test_trainer_writes_where_vertex_says(gcs, tmp_path):
     bucket = gcs.bucket("vertex-job")
     base = f"{bucket}/jobs/job-1"

@@ -5,8 +5,7 @@ import sys
 from absl import app
 from absl import flags
 
-from trainer.errors import UserError
-
+from trainer import errors
 
 HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
@@ -26,9 +25,6 @@ def _parse(argv):
 
 def run_main(main):
     def guarded(argv):
-        try:
+        with errors.reported():
             main(argv)
-        except UserError as error:
-            sys.stderr.write(f"error: {error}\n")
-            sys.exit(2)
     app.run(guarded, flags_parser=_parse)

@@ -13,7 +13,7 @@ from absl import flags
 import yaml
 
 from trainer import files
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 STRATEGIES = ("auto", "cpu", "gpu", "multiworker", "tpu")
 PRECISIONS = ("auto", "off", "bf16", "fp16")
@@ -201,7 +201,7 @@ def load_yaml(path):
     try:
         values = yaml.safe_load(files.read_text(path)) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}")
+        raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of field: value")
     for key, value in values.items():
@@ -238,9 +238,26 @@ def resolve(flag_values, environ=os.environ):
     return config
 
 
+def data_root(data):
+    """What to open for --data: 'demo' is the generated demo dataset, written on first use;
+    the config keeps the word, so that a run's config.yaml does not depend on where this
+    machine caches it."""
+    if data != "demo":
+        return data
+    from trainer import demo
+    return demo.ensure()
+
+
 def from_yaml_text(text, source):
     """The Config a model_dir's config.yaml records, for comparing runs."""
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{source} is damaged ({first_line(error)}): use another --model_dir "
+                        "or --overwrite") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{source} is not a mapping of field: value: use another --model_dir "
+                        "or --overwrite")
     unknown = [key for key in values if key not in _FIELDS]
     if unknown:
         raise UserError(f"{source} has unknown keys {unknown}: it was written by another version; "

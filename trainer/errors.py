@@ -1,8 +1,18 @@
-"""The one exception type that reaches the user as a single line instead of a traceback."""
+"""The one exception type that reaches the user as a single line instead of a traceback, and
+the one place where errors from TensorFlow become it."""
+
+import contextlib
+import sys
 
 
 class UserError(Exception):
     """A problem the user can fix: the message says what is wrong and what to do."""
+
+
+def first_line(error, limit=200):
+    """The first line of an error's message, for quoting inside a one-line UserError."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
 def op_reason(error):
@@ -12,3 +22,33 @@ def op_reason(error):
     reasons = [line for line in lines if line and not line.startswith(
         ("Graph execution error", "Detected at node", "File ", "[["))]
     return (reasons[-1] if reasons else lines[0])[:200]
+
+
+@contextlib.contextmanager
+def from_tensorflow(data, multiworker):
+    """Turns the TensorFlow errors met while training whose cause the user can fix into
+    UserErrors; the rest stay tracebacks. Checkpoints already written stay, hence the advice to
+    run the same command again."""
+    import tensorflow as tf  # here, so that importing this module stays cheap for the CLI
+    try:
+        yield
+    except tf.errors.DataLossError as error:
+        raise UserError(f"cannot read the data in --data={data}: {op_reason(error)}; the files "
+                        "are damaged: prepare or copy them again, then run the same command to "
+                        "resume from the last checkpoint") from None
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.CancelledError, tf.errors.DeadlineExceededError) as error:
+        if not multiworker:
+            raise
+        raise UserError(f"another worker stopped ({op_reason(error)}); restart all workers with "
+                        "the same command to resume from the last checkpoint") from None
+
+
+@contextlib.contextmanager
+def reported():
+    """A UserError ends the program as one line on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from trainer import files
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 
 def _small_cnn(input_shape, weights):
@@ -107,7 +107,7 @@ def build_backbone(backbone_name, base_weights, image_size):
     try:
         return lookup(backbone_name).build((image_size, image_size, 3), weights)
     except Exception as error:  # Keras raises plain Exception for a failed download.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         if weights == "imagenet":
             raise UserError(f"could not get ImageNet weights for {backbone_name} ({reason}); "
                             "without internet access copy the weights file to a bucket or disk "

@@ -10,9 +10,11 @@ checkpoints/ and logs/.
 import dataclasses
 import os
 
+import tensorflow as tf
+
 from trainer import config as config_lib
 from trainer import files
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 
 @dataclasses.dataclass
@@ -35,43 +37,49 @@ class Layout:
         return self.path("export")
 
 
-def _wipe(layout):
+def wipe(layout):
+    """Deletes the run in layout: what --overwrite asks for, after check() said 'overwrite'."""
     for path in (layout.checkpoint_dir, layout.log_dir, layout.export_dir,
                  layout.path("metrics.json"), layout.path("labels.txt"), layout.path("config.yaml")):
         files.remove_tree(path)
 
 
 def check(layout, config, overwrite):
-    """'fresh', 'resume' or 'complete'; a different run in the same place is an error."""
+    """What is in layout for this config: 'fresh', 'resume', 'complete', or 'overwrite' (a run
+    that --overwrite is to replace); a different run there without --overwrite is an error.
+    Reads only: deleting is wipe()'s."""
     try:
-        for path in (layout.model_dir, layout.checkpoint_dir, layout.log_dir):
-            bucket = files.bucket_root(path)
-            # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
-            if bucket and not files.exists(bucket):
-                raise UserError(f"bucket {bucket} of {path} does not exist or is not "
-                                "accessible: create it (gcloud storage buckets create) or fix "
-                                "the path")
+        _check_buckets(layout)
         recorded = layout.path("config.yaml")
         if not files.exists(recorded):
             return "fresh"
         if overwrite:
-            _wipe(layout)
-            return "fresh"
+            return "overwrite"
         old = config_lib.from_yaml_text(files.read_text(recorded), recorded)
-        changed = config_lib.differences(old, config)
-        if changed:
-            listing = "; ".join(f"{name}: {before!r} -> {after!r}" for name, before, after in changed)
-            raise UserError(f"{layout.model_dir} holds a run with a different config ({listing}); "
-                            "use another --model_dir, or --overwrite to start afresh there")
         metrics = layout.path("metrics.json")
-        if files.exists(metrics) and files.read_json(metrics).get("status") == "complete":
-            return "complete"
-        return "resume"
-    except UserError:
-        raise
-    except Exception as error:  # tf.errors from an unreachable bucket, most often.
+        complete = files.exists(metrics) and files.read_json(metrics).get("status") == "complete"
+    except tf.errors.OpError as error:  # an unreachable bucket, most often
         raise UserError(f"cannot use --model_dir={layout.model_dir}: "
-                        f"{str(error).splitlines()[0]}; check the path and your access") from None
+                        f"{first_line(error.message)}; check the path and your access") from None
+    except ValueError as error:  # a metrics.json cut short
+        raise UserError(f"{layout.model_dir} holds a damaged metrics.json ({first_line(error)}): "
+                        "use another --model_dir, or --overwrite to start afresh there") from None
+    changed = config_lib.differences(old, config)
+    if changed:
+        listing = "; ".join(f"{name}: {before!r} -> {after!r}" for name, before, after in changed)
+        raise UserError(f"{layout.model_dir} holds a run with a different config ({listing}); "
+                        "use another --model_dir, or --overwrite to start afresh there")
+    return "complete" if complete else "resume"
+
+
+def _check_buckets(layout):
+    for path in (layout.model_dir, layout.checkpoint_dir, layout.log_dir):
+        bucket = files.bucket_root(path)
+        # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
+        if bucket and not files.exists(bucket):
+            raise UserError(f"bucket {bucket} of {path} does not exist or is not "
+                            "accessible: create it (gcloud storage buckets create) or fix "
+                            "the path")
 
 
 def write_start(layout, config, class_names):

@@ -4,18 +4,15 @@ Prints each image's top classes with probabilities, from the exported SavedModel
 """
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
+import tensorflow as tf
 
-from absl import flags  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from trainer import data  # noqa: E402
-from trainer import export  # noqa: E402
-from trainer import files  # noqa: E402
-from trainer.cli import run_main  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer import export
+from trainer import files
+from trainer import sources
+from trainer.cli import run_main
+from trainer.errors import UserError
 
 flags.DEFINE_string("model_dir", None, "A training run's --model_dir, or an export/ folder.")
 flags.DEFINE_integer("top_k", 3, "How many classes to print per image.")
@@ -39,9 +36,9 @@ def expand(paths):
             raise UserError(f"{path} not found")
         if files.isdir(path):
             found = sorted(files.join(folder, name) for folder, _, names in tf.io.gfile.walk(path)
-                           for name in names if name.lower().endswith(data.IMAGE_EXTENSIONS))
+                           for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
             if not found:
-                raise UserError(f"folder {path} holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+                raise UserError(f"folder {path} holds no images ({', '.join(sources.IMAGE_EXTENSIONS)})")
             images += found
         else:
             images.append(path)

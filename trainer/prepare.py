@@ -1,9 +1,9 @@
 """python -m trainer.prepare --images=DIR --output=DIR_OR_GS: image folder -> TFRecord shards.
 
-Writes, per split, `<split>-00000-of-000NN.tfrecord` shards of tf.train.Examples
-(image/encoded, image/label, image/index), `<split>-index.json` (each record's source path
-and label, in record order), `labels.txt`, and last `dataset_info.json`: counts per split and
-class, shards, the image policy and the files skipped with reasons. `--data=OUTPUT` then
+Writes the format of trainer/records.py: per split, `<split>-00000-of-000NN.tfrecord` shards,
+`<split>-index.json` (each record's source path and label, in record order), `labels.txt`,
+and last `dataset_info.json`: counts per split and class, shards, the image policy and the
+files skipped with reasons. `--data=OUTPUT` then
 trains from the shards. Images are stored as they are, or with --max_side=N re-encoded as
 JPEG with the longer side at most N, so that training decodes less.
 """
@@ -13,17 +13,17 @@ import io
 import math
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
+import numpy as np
+from PIL import Image
+import tensorflow as tf
 
-from absl import flags  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from trainer import data  # noqa: E402
-from trainer import files  # noqa: E402
-from trainer.cli import run_main  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer import config as config_lib
+from trainer import files
+from trainer import records
+from trainer import sources
+from trainer.cli import run_main
+from trainer.errors import UserError
 
 flags.DEFINE_string("images", None, "Image folder ROOT with train/<class>/ (and optionally "
                     "validation/<class>/), local or gs://.")
@@ -55,15 +55,6 @@ def encode(path, max_side):
     return buffer.getvalue()
 
 
-def _example(content, label, index):
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[content])),
-        "image/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_split(name, split, output, pool):
     """Shards one split in a seeded order; returns its dataset_info entry."""
     order = np.random.default_rng(FLAGS.seed).permutation(len(split))
@@ -77,7 +68,7 @@ def write_split(name, split, output, pool):
         shard_name = f"{name}-{shard:05d}-of-{count:05d}.tfrecord"
         with tf.io.TFRecordWriter(files.join(output, shard_name)) as writer:
             for position in range(bounds[shard], bounds[shard + 1]):
-                writer.write(_example(contents[position], int(split.labels[order[position]]),
+                writer.write(records.serialize(contents[position], int(split.labels[order[position]]),
                                       position))
         shards.append(shard_name)
         print(f"{name}: shard {shard + 1}/{count} written "
@@ -94,40 +85,40 @@ def main(argv):
     if not FLAGS.images or not FLAGS.output:
         raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
     output = FLAGS.output.rstrip("/")
-    info_path = files.join(output, data.DATASET_INFO)
+    info_path = files.join(output, records.DATASET_INFO)
     if files.exists(info_path):
         if not FLAGS.overwrite:
             raise UserError(f"{output} already holds a prepared dataset: use another --output, "
                             "or --overwrite to replace it")
         for name in files.listdir(output):
             if name.endswith((".tfrecord", "-index.json")) or name in (
-                    data.DATASET_INFO, "labels.txt"):
+                    records.DATASET_INFO, "labels.txt"):
                 files.remove_tree(files.join(output, name))
-    folder = data.scan(FLAGS.images, FLAGS.validation_split, FLAGS.seed)
-    print(data.describe(folder), flush=True)
+    source = sources.scan(config_lib.data_root(FLAGS.images), FLAGS.validation_split, FLAGS.seed)
+    print(sources.describe(source), flush=True)
     tf.io.gfile.makedirs(output)
     splits = {}
     with concurrent.futures.ThreadPoolExecutor(FLAGS.workers or os.cpu_count()) as pool:
-        for name, split in (("train", folder.train), ("validation", folder.validation)):
+        for name, split in (("train", source.train), ("validation", source.validation)):
             splits[name] = write_split(name, split, output, pool)
+            counts = split.class_counts(len(source.class_names))
             splits[name]["per_class"] = {
-                class_name: int(np.sum(split.labels == label))
-                for label, class_name in enumerate(folder.class_names)}
-    files.write_lines(files.join(output, "labels.txt"), folder.class_names)
+                class_name: int(count) for class_name, count in zip(source.class_names, counts)}
+    files.write_lines(files.join(output, "labels.txt"), source.class_names)
     files.write_json(info_path, {
-        "format": data.PREPARED_FORMAT,
-        "source": folder.root,
-        "class_names": folder.class_names,
-        "validation_source": folder.validation_source,
+        "format": records.FORMAT,
+        "source": source.root,
+        "class_names": source.class_names,
+        "validation_source": source.validation_source,
         "image_policy": {"max_side": FLAGS.max_side or None,
                          "encoding": "JPEG quality 90 when downscaled, else the original file"},
         "splits": splits,
-        "skipped": [{"path": path, "reason": "cannot be decoded"} for path in folder.skipped],
+        "skipped": [{"path": path, "reason": "cannot be decoded"} for path in source.skipped],
     })
     print(f"prepared {output}: {splits['train']['count']} train and "
           f"{splits['validation']['count']} validation images in "
           f"{len(splits['train']['shards'])} + {len(splits['validation']['shards'])} shards; "
-          f"{len(folder.skipped)} skipped", flush=True)
+          f"{len(source.skipped)} skipped", flush=True)
 
 
 if __name__ == "__main__":

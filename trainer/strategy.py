@@ -11,7 +11,7 @@ import socket
 
 import tensorflow as tf
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 # TPUClusterResolver asks the GCE metadata server with no timeout; bound every socket it opens.
 _RESOLVER_TIMEOUT_SECONDS = 10
@@ -42,16 +42,22 @@ def _cluster_size(cluster):
     return sum(len(tasks) for tasks in (cluster or {}).get("cluster", {}).values())
 
 
-def _tpu_configured(tpu, environ):
-    return bool(tpu or environ.get("TPU_NAME") or os.path.exists("/dev/accel0")
-                or os.path.exists("/dev/vfio/0"))
+# A TPU VM's chips: /dev/accel* (v4, v5e) or /dev/vfio/* (v5p and later).
+TPU_DEVICES = ("/dev/accel0", "/dev/vfio/0")
 
 
-def pick(name, tpu="", environ=os.environ, gpus=None):
-    """Resolves --strategy=auto to a concrete name, with the reason it was chosen."""
+def _tpu_device_present():
+    return any(os.path.exists(path) for path in TPU_DEVICES)
+
+
+def pick(name, tpu="", environ=os.environ, gpus=None, tpu_device=None):
+    """Resolves --strategy=auto to a concrete name, with the reason it was chosen. gpus and
+    tpu_device (whether this host has TPU chips) are looked up when not given."""
     if name != "auto":
         return name, "asked for with --strategy"
-    if _tpu_configured(tpu, environ):
+    if tpu_device is None:
+        tpu_device = _tpu_device_present()
+    if tpu or environ.get("TPU_NAME") or tpu_device:
         return "tpu", "a TPU is configured (--tpu, $TPU_NAME or a TPU device)"
     cluster = cluster_from_environment(environ)
     if _cluster_size(cluster) > 1:
@@ -76,7 +82,7 @@ def _tpu_strategy(tpu, environ):
             tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, tf.errors.OpError, OSError) as error:
-        raise UserError(f"no TPU reachable as --tpu={tpu}: {str(error).splitlines()[0]}; "
+        raise UserError(f"no TPU reachable as --tpu={tpu}: {first_line(error)}; "
                         "check the TPU name and zone, or use --strategy=cpu|gpu") from None
     finally:
         socket.setdefaulttimeout(previous)

@@ -1,0 +1,242 @@
+"""Splits in, distributed tf.data pipelines of per-replica (images, labels, weights) out:
+ordering, sharding between input pipelines, decoding.
+
+The order of every epoch is a seeded permutation of the split computed up front, so the
+position in the data is a function of the global step alone: resuming at step N (mid-epoch
+included) rebuilds exactly the batches that step N would have seen, with no iterator state to
+checkpoint. Each epoch is padded to whole global batches by wrapping around its own
+permutation, giving static batch shapes (TPU) and every image at least once per epoch.
+Evaluation pads the same way and gives the padding weight 0.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import files
+from trainer import records
+from trainer import sources
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+def decode_and_resize(contents, image_size):
+    """Encoded bytes of any supported format to float32 RGB in 0..255, image_size square.
+
+    Shared by training and the exported serving signature, so both see identical pixels.
+    Grayscale, RGBA, 16-bit and palette images come out as 8-bit RGB; a GIF gives its first
+    frame.
+    """
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, [image_size, image_size])
+
+
+def decode_batch(batch, image_size, read_files):
+    """decode_and_resize over a batch of encoded images (or of paths, read_files=True), for
+    training and serving.
+
+    One tf.data function call a batch rather than one an image: on a small CPU the fixed cost
+    of each call is of the order of reading a local file, so per-image calls cost more CPU than
+    the reads themselves.
+    """
+    def one(source):
+        return decode_and_resize(tf.io.read_file(source) if read_files else source, image_size)
+
+    return tf.map_fn(one, batch,
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+
+
+# -- orders ----------------------------------------------------------------------------------
+
+def steps_per_epoch(num_examples, global_batch):
+    return max(1, math.ceil(num_examples / global_batch))
+
+
+def train_order(num_examples, global_batch, seed, start_step, end_step):
+    """Example indices that training steps [start_step, end_step) consume, in order."""
+    steps = steps_per_epoch(num_examples, global_batch)
+    first_epoch, last_epoch = start_step // steps, math.ceil(end_step / steps)
+    epochs = [np.resize(np.random.default_rng([seed, epoch]).permutation(num_examples),
+                        steps * global_batch) for epoch in range(first_epoch, last_epoch)]
+    order = np.concatenate(epochs)
+    offset = first_epoch * steps
+    return order[(start_step - offset) * global_batch:(end_step - offset) * global_batch]
+
+
+def evaluation_order(num_examples, global_batch):
+    """All indices once, padded to whole batches; the padding carries weight 0."""
+    padded = steps_per_epoch(num_examples, global_batch) * global_batch
+    weights = (np.arange(padded) < num_examples).astype(np.float32)
+    return np.resize(np.arange(num_examples), padded), weights
+
+
+def shard(values, global_batch, context):
+    """This input pipeline's part of `values` (one per example in order): its own slice of every
+    global batch, so that across pipelines each example is read exactly once."""
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+    return values.reshape(-1, pipelines, global_batch // pipelines)[:, index, :].reshape(-1)
+
+
+# -- pipelines over a given order ------------------------------------------------------------
+
+def _ordered_records(split, order, global_batch, context):
+    """A prepared split's encoded images and labels at the positions of `order`, which must be
+    the records in order, wrapping around (as evaluation_order gives): TFRecords are read
+    front to back. Each pipeline keeps the same slices of each global batch as shard()."""
+    if not np.array_equal(order, np.resize(np.arange(len(split)), len(order))):
+        raise ValueError("a prepared split can be read in record order only")
+    per_pipeline = global_batch // context.num_input_pipelines
+    if split.tfds:
+        stream = sources.tfds_examples(*split.tfds).map(lambda contents, label, _: (contents, label))
+    else:
+        stream = tf.data.TFRecordDataset(split.shards).batch(global_batch).map(
+            lambda batch: records.parse_batch(batch)[:2]).unbatch()
+    stream = stream.repeat().take(len(order)).enumerate()
+    stream = stream.filter(
+        lambda position, _: (position % global_batch) // per_pipeline == context.input_pipeline_id)
+    return stream.map(lambda _, example: example)
+
+
+def pipeline(split, order, weights, global_batch, image_size, context, deterministic=True):
+    """One input pipeline's tf.data.Dataset of per-replica (images, labels, weights) batches.
+
+    deterministic=False lets a decoded batch overtake a slower one before it (faster reads
+    from remote storage): batches then come in a slightly different order than `order` says."""
+    mine = shard(order, global_batch, context)
+    if not split.is_stream:
+        examples = tf.data.Dataset.from_tensor_slices((split.paths[mine], split.labels[mine]))
+    else:
+        examples = _ordered_records(split, order, global_batch, context)
+    dataset = tf.data.Dataset.zip(
+        (examples, tf.data.Dataset.from_tensor_slices(shard(weights, global_batch, context))))
+    dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
+
+    def load(example, weights):
+        contents, labels = example
+        # Paths are read here, in parallel with decoding (remote reads are slow).
+        return decode_batch(contents, image_size, not split.is_stream), labels, weights
+
+    # Shuffling was done on the file list (train_order); by default the parallel map keeps
+    # that order, which exact resume and row-indexed outputs (features) rely on.
+    dataset = dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def array_pipeline(array, labels, order, weights, global_batch, context):
+    """Like pipeline(), over examples already computed: backbone features or decoded images
+    (an array or memmap, one row per example)."""
+    per_replica = context.get_per_replica_batch_size(global_batch)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (shard(order, global_batch, context), shard(weights, global_batch, context)))
+    dataset = dataset.batch(per_replica, drop_remainder=True)
+
+    def gather(indices, batch_weights):
+        rows, batch_labels = tf.numpy_function(
+            lambda i: (array[i], labels[i]), [indices], [tf.float32, tf.int32])
+        rows.set_shape([per_replica, *array.shape[1:]])
+        batch_labels.set_shape([per_replica])
+        return rows, batch_labels, batch_weights
+
+    return dataset.map(gather).prefetch(AUTOTUNE)
+
+
+# -- streams of records for training ---------------------------------------------------------
+
+def _shard_files(split, epoch, seed, context, deterministic):
+    """(this pipeline's record stream before shuffling, whether the files were divided between
+    pipelines), for one epoch of a prepared split."""
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+    shards = np.array(split.shards)[
+        np.random.default_rng([seed, epoch]).permutation(len(split.shards))]
+    by_file = len(shards) >= pipelines
+    # Sharding by record needs every pipeline to see the records in the same order.
+    deterministic = deterministic or not by_file
+    if by_file:
+        shards = shards[index::pipelines]
+    if files.is_remote(shards[0]):
+        # Remote reads wait on the network: several shards in flight keep decoding busy.
+        return tf.data.Dataset.from_tensor_slices(shards).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(shards), 8),
+            num_parallel_calls=AUTOTUNE, deterministic=deterministic), by_file
+    # Local shards are read one after another (prepare already wrote the records in a random
+    # order): on a small machine a parallel interleave's threads would take CPU from decoding.
+    return tf.data.TFRecordDataset(shards), by_file
+
+
+def _tfds_files(split, epoch_seed, context, deterministic):
+    """The same as _shard_files for a TFDS split, whose files TFDS divides between pipelines."""
+    import tensorflow_datasets as tfds
+    builder, name = split.tfds
+    by_file = len(builder.info.splits[name].file_instructions) >= context.num_input_pipelines
+    options = tf.data.Options()
+    options.deterministic = deterministic or not by_file
+    read_config = tfds.ReadConfig(options=options, shuffle_seed=epoch_seed, add_tfds_id=True,
+                                  input_context=context if by_file else None)
+    return sources.tfds_examples(builder, name, shuffle_files=True,
+                                 read_config=read_config), by_file
+
+
+def epoch_records(split, epoch, seed, global_batch, context, deterministic=True):
+    """One pipeline's per-replica batches of (encoded images, labels, keys) for one epoch of a
+    prepared or TFDS split: steps_per_epoch x its share of the global batch of examples.
+    Files are shuffled by (seed, epoch) and divided between pipelines when there are enough of
+    them, else the examples are; a seeded shuffle buffer mixes them. Deterministic unless
+    asked otherwise, so that a resumed epoch can skip ahead to exactly where it stopped."""
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+    epoch_seed = seed * 100_003 + epoch
+    if split.tfds:
+        examples, by_file = _tfds_files(split, epoch_seed, context, deterministic)
+    else:
+        examples, by_file = _shard_files(split, epoch, seed, context, deterministic)
+    if not by_file:
+        examples = examples.shard(pipelines, index)
+    shuffled = examples.shuffle(min(len(split), 4096), seed=epoch_seed,
+                                reshuffle_each_iteration=False)
+    # The padding to whole global batches comes from the start of the unshuffled stream: a
+    # second pass through the shuffle buffer would read the whole split again for a few records.
+    steps = steps_per_epoch(len(split), global_batch)
+    epoch = shuffled.concatenate(examples.repeat()).take(steps * global_batch // pipelines)
+    epoch = epoch.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
+    # Parsed a batch at a time: one vectorised parse instead of one per record.
+    return epoch if split.tfds else epoch.map(records.parse_batch)
+
+
+def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context,
+                      deterministic=True):
+    """Per-replica (images, labels, weights) batches for training steps [first_step, end_step).
+
+    Image files follow train_order; prepared and TFDS splits stream epoch_records, skipping
+    the steps of the first epoch that were already trained."""
+    if not split.is_stream:
+        order = train_order(len(split), global_batch, seed, first_step, end_step)
+        return pipeline(split, order, np.ones(len(order), np.float32), global_batch,
+                        image_size, context, deterministic)
+    steps = steps_per_epoch(len(split), global_batch)
+    # Batches a step: one per replica this pipeline feeds.
+    per_step = context.num_replicas_in_sync // context.num_input_pipelines
+    stream = None
+    for epoch in range(first_step // steps, math.ceil(end_step / steps)):
+        start, end = max(first_step - epoch * steps, 0), min(end_step - epoch * steps, steps)
+        epoch_part = epoch_records(split, epoch, seed, global_batch, context,
+                                   deterministic).skip(start * per_step).take(
+            (end - start) * per_step)
+        stream = epoch_part if stream is None else stream.concatenate(epoch_part)
+
+    def load(contents, labels, _):
+        weights = tf.ones_like(labels, tf.float32)
+        return decode_batch(contents, image_size, read_files=False), labels, weights
+
+    # Encoded batches read ahead keep decoding busy while the next epoch fills its shuffle
+    # buffer (it reads up to 4096 records before handing out the first).
+    dataset = stream.prefetch(4 * per_step).map(
+        load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def distribute(strategy, make_pipeline):
+    """A distributed dataset from make_pipeline(input_context), one pipeline per worker."""
+    return strategy.distribute_datasets_from_function(make_pipeline)

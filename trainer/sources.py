@@ -1,0 +1,274 @@
+"""Where the examples come from: an image folder, a folder written by trainer.prepare, or a
+TensorFlow Datasets dataset, each opened into the same Source of train and validation splits.
+
+A Split lists its examples (paths, or names for records) and labels up front, so that every
+pipeline can fix the order of an epoch before reading anything (see pipelines.py).
+"""
+
+import dataclasses
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from trainer import files
+from trainer import records
+from trainer.errors import UserError, first_line
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMBALANCE_RATIO = 1.5
+
+
+@dataclasses.dataclass
+class Split:
+    paths: np.ndarray   # str paths of the images, local or gs:// (names, for TFDS)
+    labels: np.ndarray  # int32 class indices
+    shards: list = None  # TFRecord files holding the images in this order; None: read paths
+    tfds: tuple = None   # (builder, split name) of a TensorFlow Datasets split instead
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def is_stream(self):
+        """Read as a stream of records rather than image files by path."""
+        return self.shards is not None or self.tfds is not None
+
+    def class_counts(self, num_classes):
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+@dataclasses.dataclass
+class Source:
+    root: str
+    class_names: list
+    train: Split
+    validation: Split
+    validation_source: str  # "validation/" or how it was held out of train/
+    skipped: list           # paths that could not be decoded
+
+
+def scan(root, validation_split=0.2, seed=42, tfds_options=None):
+    """Opens --data: lists and checks an image folder, or opens a prepared or TFDS dataset;
+    errors name the folder at fault."""
+    if not root:
+        raise UserError("no --data given: pass --data=ROOT with ROOT/train/<class>/ images")
+    if root.startswith("tfds:"):
+        return _open_tfds(root[len("tfds:"):], tfds_options or {}, validation_split)
+    root = root.rstrip("/")
+    try:
+        if not files.exists(root):
+            raise UserError(f"--data={root} does not exist: check the path or bucket name")
+        if files.exists(files.join(root, records.DATASET_INFO)):
+            return _open_prepared(root)
+        listed = _list_image_folder(root)
+    except tf.errors.OpError as error:
+        raise UserError(f"cannot read --data={root}: {first_line(error.message)}; check "
+                        "the path and your access to it") from None
+    return _check_image_folder(root, *listed, validation_split, seed)
+
+
+# -- image folders ---------------------------------------------------------------------------
+
+def _list_images(folder):
+    return [files.join(folder, name) for name in files.listdir(folder)
+            if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def _class_folders(split_root):
+    names = [name for name in files.listdir(split_root) if files.isdir(files.join(split_root, name))]
+    if len(names) < 2:
+        raise UserError(f"{split_root} holds {len(names)} class folder(s) {names}; a classifier "
+                        "needs at least 2 (one folder of images per class)")
+    return names
+
+
+def _list_split(split_root, class_names):
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        images = _list_images(files.join(split_root, name))
+        if not images:
+            raise UserError(f"class folder {files.join(split_root, name)} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        paths += images
+        labels += [label] * len(images)
+    return Split(np.array(paths), np.array(labels, dtype=np.int32))
+
+
+def _list_image_folder(root):
+    """(class names, train split, validation split or None) as listed, nothing decoded yet."""
+    train_root = files.join(root, "train")
+    if not files.isdir(train_root):
+        raise UserError(f"--data={root} has no train/ folder: expected "
+                        f"{root}/train/<class>/*.jpg (and optionally validation/<class>/)")
+    class_names = _class_folders(train_root)
+    train = _list_split(train_root, class_names)
+    validation_root = files.join(root, "validation")
+    if not files.isdir(validation_root):
+        return class_names, train, None
+    validation_classes = _class_folders(validation_root)
+    if validation_classes != class_names:
+        raise UserError(f"{validation_root} has classes {validation_classes} but "
+                        f"{train_root} has {class_names}; they must match")
+    return class_names, train, _list_split(validation_root, class_names)
+
+
+def _check_image_folder(root, class_names, train, validation, validation_split, seed):
+    """The Source of a listed image folder: files that do not decode are skipped and counted;
+    without validation/, a stratified part of train/ is held out."""
+    train, skipped = _drop_unreadable(train, files.join(root, "train"), class_names)
+    if validation is not None:
+        validation, skipped_validation = _drop_unreadable(
+            validation, files.join(root, "validation"), class_names)
+        skipped += skipped_validation
+        held_out = "validation/"
+    else:
+        train, validation = _stratified_split(train, validation_split, seed)
+        held_out = f"{validation_split:.0%} of train/, stratified, seed {seed}"
+    if skipped:
+        logging.warning("skipped %d unreadable image(s), e.g. %s", len(skipped),
+                        ", ".join(skipped[:3]))
+    return Source(root, class_names, train, validation, held_out, skipped)
+
+
+def find_unreadable(paths):
+    """Indices of files TensorFlow's decoders reject, found with the decoder training uses."""
+    def check(index, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return index, tf.shape(image)[0]
+
+    dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    dataset = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    dataset = dataset.ignore_errors().batch(1024)
+    readable = np.zeros(len(paths), dtype=bool)
+    for indices, _ in dataset.as_numpy_iterator():
+        readable[indices] = True
+    return np.flatnonzero(~readable)
+
+
+def _drop_unreadable(split, split_root, class_names):
+    bad = find_unreadable(split.paths)
+    kept = Split(np.delete(split.paths, bad), np.delete(split.labels, bad))
+    for label, count in enumerate(kept.class_counts(len(class_names))):
+        if not count:
+            raise UserError(f"class folder {files.join(split_root, class_names[label])} holds "
+                            "no readable image; fix or remove it")
+    return kept, [str(path) for path in split.paths[bad]]
+
+
+def _stratified_split(split, fraction, seed):
+    """Holds out `fraction` of each class, chosen by seed, keeping at least one to train on."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(split), dtype=bool)
+    for label in np.unique(split.labels):
+        members = rng.permutation(np.flatnonzero(split.labels == label))
+        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        held[members[:count]] = True
+    return (Split(split.paths[~held], split.labels[~held]),
+            Split(split.paths[held], split.labels[held]))
+
+
+# -- prepared TFRecords ----------------------------------------------------------------------
+
+def _open_prepared(root):
+    """A dataset written by trainer.prepare: its shards, and each record's path and label."""
+    info = files.read_json(files.join(root, records.DATASET_INFO))
+    if info.get("format") != records.FORMAT:
+        raise UserError(f"{root}/{records.DATASET_INFO} is not of format {records.FORMAT}: "
+                        "prepare the data again with python -m trainer.prepare")
+    splits = {}
+    for name in ("train", "validation"):
+        index = files.read_json(files.join(root, f"{name}-index.json"))
+        splits[name] = Split(np.array(index["paths"]), np.array(index["labels"], dtype=np.int32),
+                             [files.join(root, shard) for shard in info["splits"][name]["shards"]])
+    return Source(root, info["class_names"], splits["train"], splits["validation"],
+                  f"prepared TFRecords ({info['validation_source']})",
+                  [entry["path"] for entry in info["skipped"]])
+
+
+# -- TensorFlow Datasets ---------------------------------------------------------------------
+
+def tfds_examples(builder, split, shuffle_files=False, read_config=None):
+    """(encoded image, label, key) of a TFDS split, images left encoded."""
+    import tensorflow_datasets as tfds
+    image_key, label_key = builder.info.supervised_keys
+    dataset = builder.as_dataset(split, shuffle_files=shuffle_files, read_config=read_config,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    return dataset.map(lambda example: (example[image_key],
+                                        tf.cast(example[label_key], tf.int32),
+                                        example.get("tfds_id", tf.constant(""))))
+
+
+def _tfds_builder(name, options):
+    """The builder of a prepared TFDS dataset; prepares it only when --tfds_download allows."""
+    import tensorflow_datasets as tfds
+    data_dir = options.get("data_dir") or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared() if hasattr(builder, "is_prepared") else True
+    except (tfds.core.registered.DatasetNotFoundError, tf.errors.NotFoundError):
+        builder, prepared = None, False
+    if not prepared:
+        if not options.get("download") or builder is None:
+            raise UserError(f"TFDS dataset {name} is not prepared in "
+                            f"{data_dir or '~/tensorflow_datasets'}: prepare it there (tfds "
+                            "build, or --tfds_download with internet access)")
+        builder.download_and_prepare()
+    if not builder.info.supervised_keys:
+        raise UserError(f"TFDS dataset {name} has no (image, label) supervised keys to train on")
+    return builder
+
+
+def _open_tfds(name, options, validation_split):
+    """A TensorFlow Datasets dataset prepared in options['data_dir'] (local or gs://)."""
+    builder = _tfds_builder(name, options)
+    splits = builder.info.splits
+    train, validation = options.get("train_split") or "train", options.get("validation_split")
+    if not validation:
+        if "validation" in splits:
+            validation = "validation"
+        else:
+            kept = round(100 * (1 - validation_split))
+            train, validation = f"{train}[:{kept}%]", f"{train}[{kept}%:]"
+    class_names = builder.info.features[builder.info.supervised_keys[1]].names
+    result = []
+    for split in (train, validation):
+        try:
+            labels = np.array([int(label) for _, label, _ in tfds_examples(builder, split)
+                               .as_numpy_iterator()], dtype=np.int32)
+        except (ValueError, KeyError) as error:
+            raise UserError(f"TFDS dataset {name} has no split {split!r} "
+                            f"({first_line(error, 120)}); its splits are "
+                            f"{', '.join(splits)}") from None
+        paths = np.array([f"tfds:{name}/{split}/{i}" for i in range(len(labels))])
+        result.append(Split(paths, labels, tfds=(builder, split)))
+    return Source(f"tfds:{name}", list(class_names), result[0], result[1],
+                  f"TFDS split {validation}", [])
+
+
+# -- what the data says about the job --------------------------------------------------------
+
+def imbalance(split, class_names):
+    """A warning when the largest class outnumbers the smallest by IMBALANCE_RATIO, else None."""
+    counts = split.class_counts(len(class_names))
+    if counts.max() <= IMBALANCE_RATIO * max(1, counts.min()):
+        return None
+    listing = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+    return (f"class imbalance in train: {listing} (largest/smallest "
+            f"{counts.max() / max(1, counts.min()):.1f}); consider --class_weight=auto")
+
+
+def class_weights(split, num_classes):
+    """total / (classes x count) per class: each class contributes equally to the loss."""
+    counts = split.class_counts(num_classes).astype(np.float32)
+    return len(split) / (num_classes * np.maximum(counts, 1))
+
+
+def describe(source):
+    def counts(split):
+        return ", ".join(f"{name} {count}" for name, count in
+                         zip(source.class_names, split.class_counts(len(source.class_names))))
+    return (f"data {source.root}: {len(source.class_names)} classes; train {len(source.train)} "
+            f"({counts(source.train)}); validation {len(source.validation)} "
+            f"({counts(source.validation)}) from {source.validation_source}; "
+            f"{len(source.skipped)} unreadable skipped")
