@@ -17,6 +17,9 @@ setup(
         "pyyaml",
         "matplotlib",
         "tensorboard",
+        # The --model_dir lease on gs:// needs writes conditional on a generation (lease.py),
+        # which TensorFlow's own gs:// filesystem cannot make.
+        "google-cloud-storage",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu==2.21.*"],

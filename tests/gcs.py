@@ -82,9 +82,10 @@ class Emulator:
              "-port", str(self.port), "-backend", "memory", "-log-level", "warn",
              "-external-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         certificates = _write_certificates(folder)
+        self.outage_file = os.path.join(folder, "outage")
         self.processes.append(subprocess.Popen(
             [sys.executable, os.path.join(HERE, "gcs_proxy.py"), str(self.proxy_port),
-             str(self.port), certificates["cert"], certificates["key"]],
+             str(self.port), certificates["cert"], certificates["key"], self.outage_file],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
         self.processes[1].stdout.readline()  # "ready"
         _wait_for(f"{url}/storage/v1/b", time.time() + 20)
@@ -100,6 +101,15 @@ class Emulator:
             "GCS_RETRY_CONFIG_MAX_RETRIES": "2", "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "1000",
             "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "10000", "GCS_REQUEST_IDLE_TIMEOUT_SECS": "20",
         }
+
+    def start_outage(self, pattern=""):
+        """From now on TensorFlow's requests matching pattern ("METHOD PATH"; empty: all) are
+        answered 503, until end_outage(). The Python client reaches the emulator directly."""
+        with open(self.outage_file, "w") as handle:
+            handle.write(pattern)
+
+    def end_outage(self):
+        os.remove(self.outage_file)
 
     def client(self):
         from google.auth.credentials import AnonymousCredentials

@@ -9,8 +9,12 @@ forwards plain HTTP to the emulator, smoothing three gaps between them:
   3. TF asks GET /storage/v1/b/<bucket>/storageLayout before renaming folders; the emulator
      has no such call, so it is answered from GET /storage/v1/b/<bucket>.
 
+For outage tests, while the file OUTAGE exists, every request whose "METHOD PATH" matches
+the regular expression it holds (an empty file: every request) is answered 503, as a storage
+service that is down answers.
+
 Run as its own process (TF blocks in C++ holding the GIL, which would deadlock a thread):
-    python gcs_proxy.py PORT EMULATOR_PORT CERT_PEM KEY_PEM
+    python gcs_proxy.py PORT EMULATOR_PORT CERT_PEM KEY_PEM OUTAGE
 """
 
 import http.client
@@ -86,6 +90,11 @@ class Handler(socketserver.StreamRequestHandler):
             writer.flush()
 
     def forward(self, upstream, host, method, path, headers, body):
+        outage = self.server.outage()
+        if outage is not None and re.search(outage, f"{method} {path}"):
+            reply = b'{"error": {"code": 503, "message": "Service Unavailable (test outage)"}}'
+            return "503 Service Unavailable", [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(reply)))], reply
         layout = re.fullmatch(r"/storage/v1/b/([^/?]+)/storageLayout(\?.*)?", path)
         if method == "GET" and layout:
             status, _, reply = self.forward(upstream, host, "GET", f"/storage/v1/b/{layout[1]}",
@@ -120,9 +129,18 @@ class Proxy(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def outage(self):
+        """The pattern of the requests failing now, or None."""
+        try:
+            with open(self.outage_file) as handle:
+                return handle.read().strip()
+        except OSError:
+            return None
 
-def main(port, emulator_port, cert, key):
+
+def main(port, emulator_port, cert, key, outage_file):
     server = Proxy(("127.0.0.1", int(port)), Handler)
+    server.outage_file = outage_file
     server.emulator_port = int(emulator_port)
     server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.tls.load_cert_chain(cert, key)
@@ -131,4 +149,4 @@ def main(port, emulator_port, cert, key):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

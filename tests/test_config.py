@@ -77,7 +77,8 @@ def test_bad_yaml_values(tmp_path, text, message):
 @pytest.mark.parametrize("flag, message", [
     ("--strategy=cloud", "--strategy='cloud' is not one of auto, cpu"),
     ("--batch_size=0", "--batch_size=0 must be positive"),
-    ("--validation_split=1.5", "--validation_split=1.5 must be between 0 and 1"),
+    ("--validation_split=1.5", "--validation_split=1.5 must be at least 0 and below 1"),
+    ("--validation_split=-0.1", "--validation_split=-0.1 must be at least 0 and below 1"),
     ("--fine_tune_at=-1", "--fine_tune_at=-1 must be 0 or more"),
 ])
 def test_bad_flag_values(flag, message):
@@ -105,3 +106,17 @@ def test_shipped_presets_load():
     for name in os.listdir(presets):
         values = config_lib.load_yaml(os.path.join(presets, name))
         assert yaml.safe_load(config_lib.Config(**values).to_yaml())
+
+
+def test_another_backbone_on_the_smoke_preset_needs_its_weights_named():
+    with pytest.raises(UserError, match="--backbone=mobilenet_v2 without --data or --config runs "
+                                        "the smoke preset, whose base_weights: none"):
+        resolve("--backbone=mobilenet_v2")
+    assert resolve("--backbone=mobilenet_v2", "--base_weights=none").base_weights == "none"
+    assert resolve("--backbone=mobilenet_v2", "--data=demo").base_weights == "imagenet"
+
+
+def test_an_unknown_backbone_is_named_before_anything_else():
+    with pytest.raises(UserError, match="unknown --backbone=mobilenet_v3: choose one of "
+                                        "mobilenet_v2, efficientnet_b0"):
+        resolve("--backbone=mobilenet_v3")

@@ -120,3 +120,36 @@ def test_two_input_pipelines_read_every_example_exactly_once(tmp_path):
             assert list(labels.numpy()) == list(folder.train.labels[order[tags.numpy().astype(int)]])
             positions += list(tags.numpy().astype(int))
     assert sorted(positions) == list(range(len(order)))
+
+
+def test_no_held_out_validation_needs_a_validation_folder(tmp_path):
+    with_folder = images.folder(str(tmp_path / "with"), per_class=4, validation_per_class=2)
+    assert len(sources.scan(with_folder, validation_split=0).validation) == 4
+    without = images.folder(str(tmp_path / "without"), per_class=4)
+    with pytest.raises(UserError, match="has no validation/ folder, and --validation_split=0 "
+                                        "holds nothing out"):
+        sources.scan(without, validation_split=0)
+
+
+def test_an_unfinished_prepare_output_says_to_prepare_again(tmp_path):
+    (tmp_path / "train-00000-of-00004.tfrecord").write_bytes(b"")
+    (tmp_path / "notes-00000-of-00004.tfrecord").write_bytes(b"")
+    with pytest.raises(UserError, match="is an incomplete trainer.prepare output .*: run "
+                                        "prepare again"):
+        sources.scan(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "bmp", "gif"])
+def test_pixels_are_read_from_the_header(tmp_path, kind):
+    path = images.save(str(tmp_path / f"image.{kind}"), size=40, kind=kind)
+    with open(path, "rb") as handle:
+        assert sources._header_pixels(handle.read()) == 40 * 40
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path):
+    root = images.folder(str(tmp_path), per_class=3, size=40)
+    big = images.save(str(tmp_path / "train" / "red" / "big.png"), size=300, kind="png")
+    source = sources.scan(root, validation_split=0.3, max_pixels=100 * 100)
+    assert source.skipped == [big]
+    assert source.skip_reasons == {big: "more than --max_image_pixels=10000 pixels"}
+    assert len(source.train) + len(source.validation) == 6

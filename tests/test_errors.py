@@ -18,14 +18,28 @@ def test_damaged_data_becomes_a_user_error_that_says_resume():
             raise tf.errors.DataLossError(None, None, "corrupted record at 12")
 
 
-def test_a_lost_worker_is_a_user_error_only_under_multiworker():
+def test_a_lost_worker_or_lost_storage_is_a_user_error_that_says_resume():
     lost = tf.errors.UnavailableError(None, None, "Collective ops is aborted")
     with pytest.raises(UserError, match=r"another worker stopped \(Collective ops is aborted\)"):
         with errors.from_tensorflow("d", multiworker=True):
             raise lost
-    with pytest.raises(tf.errors.UnavailableError):
+    with pytest.raises(UserError, match=r"storage failed \(Collective ops is aborted\); .*run "
+                                        r"the same command to resume"):
         with errors.from_tensorflow("d", multiworker=False):
             raise lost
+
+
+def test_a_full_disk_is_a_user_error_and_other_exhaustion_is_not():
+    full = tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node x}} /mnt/run/checkpoints/ckpt-24_temp/part-0; No space "
+                    "left on device [Op:SaveV2]")
+    with pytest.raises(UserError, match=r"a disk is full \(No space left on device writing "
+                                        r"/mnt/run/checkpoints/ckpt-24\); free some space"):
+        with errors.from_tensorflow("d", multiworker=False):
+            raise full
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        with errors.from_tensorflow("d", multiworker=False):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
 
 def test_reported_user_error_is_one_line_and_exit_2(capsys):

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -91,9 +92,11 @@ def test_killed_run_resumes_from_gcs(gcs, tmp_path):
         time.sleep(0.2)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    bucket_name = bucket[len("gs://"):]
-    state = gcs.client().bucket(bucket_name).blob("run/checkpoints/checkpoint").download_as_text()
-    latest = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', state).group(1))
+    # The newest checkpoint written whole (its index is written last), which the state file
+    # may not name yet when the kill came between the two.
+    latest = max(int(match.group(1)) for match in (
+        re.search(r"ckpt-(\d+)\.index$", name) for name in gcs.list(f"{model_dir}/checkpoints"))
+        if match)
     process = run(gcs, "trainer.task", *args)
     assert process.returncode == 0, process.stderr[-3000:]
     resumed = re.search(r"resuming from epoch (\d+) \(step (\d+) of", process.stdout)
@@ -159,3 +162,96 @@ def test_tfds_dataset_in_a_gcs_data_dir(gcs, tmp_path):
                   f"--model_dir={tmp_path / 'other'}", *JOB)
     assert missing.returncode == 2
     assert "TFDS dataset not_there is not prepared in" in error_line(missing)
+
+
+def _outage_for(gcs, seconds, pattern=""):
+    """Storage answers TensorFlow's requests matching pattern with 503 for `seconds`, from now,
+    while the test goes on (a thread ends the outage)."""
+    gcs.start_outage(pattern)
+    timer = threading.Timer(seconds, gcs.end_outage)
+    timer.start()
+    return timer
+
+
+def test_an_outage_while_the_images_are_read_drops_no_image(gcs, tmp_path):
+    bucket = gcs.bucket("outage-scan")
+    local = images.folder(str(tmp_path / "data"), per_class=8, validation_per_class=2, size=32)
+    images.save_corrupt(os.path.join(local, "train", "red", "bad.jpg"), "text")
+    data = gcs.upload_tree(local, f"{bucket}/data")
+    # Listings go through; every object read fails for 6 s, from before the job starts.
+    timer = _outage_for(gcs, 6, pattern=r"^GET /outage-scan/")
+    try:
+        process = run(gcs, "trainer.task", f"--data={data}", f"--model_dir={tmp_path / 'run'}",
+                      *JOB, "--epochs=1", "--fine_tune_epochs=0")
+    finally:
+        timer.join()
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "storage failed while reading gs://outage-scan/data/" in process.stderr
+    with open(tmp_path / "run" / "metrics.json") as handle:
+        metrics = json.load(handle)
+    assert (metrics["train_images"] + metrics["val_images"], metrics["skipped_images"]) == (20, 1)
+
+
+def test_storage_unreachable_at_start_up_names_the_bucket(gcs):
+    bucket = gcs.bucket("outage-start")
+    gcs.start_outage()
+    try:
+        process = run(gcs, "trainer.task", f"--data={bucket}/data", "--model_dir=/tmp/unused",
+                      *JOB, timeout=90)
+    finally:
+        gcs.end_outage()
+    assert process.returncode == 2
+    assert "cannot reach gs://outage-start/ (storage.googleapis.com)" in error_line(process)
+
+
+def test_storage_lost_mid_training_stops_with_one_line_and_a_rerun_resumes(gcs, tmp_path):
+    bucket = gcs.bucket("outage-train")
+    model_dir = f"{bucket}/run"
+    args = ["--data=demo", f"--model_dir={model_dir}", *JOB, "--epochs=8",
+            "--storage_retry_seconds=4"]
+    job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
+                           env=cli_env(**gcs.env), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while "run/checkpoints/checkpoint" not in gcs.list(model_dir):  # written after a save
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.2)
+    gcs.start_outage()
+    try:
+        output, errors = job.communicate(timeout=180)
+    finally:
+        gcs.end_outage()
+    assert job.returncode == 2, errors[-3000:]
+    assert "storage failed for" in error_line(subprocess.CompletedProcess([], 2, output, errors))
+    process = run(gcs, "trainer.task", *args)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "resuming from epoch" in process.stdout
+    assert [row["epoch"] for row in read_json(gcs, f"{model_dir}/metrics.json")["history"]] == (
+        list(range(1, 10)))
+
+
+def test_a_second_job_on_a_model_dir_is_refused_and_a_killed_jobs_rerun_takes_over(gcs):
+    bucket = gcs.bucket("two-jobs")
+    model_dir = f"{bucket}/run"
+    args = ["--data=demo", f"--model_dir={model_dir}", *JOB, "--epochs=3"]
+    # A checkpoint every step keeps the first job busy for a while.
+    first = subprocess.Popen([sys.executable, "-m", "trainer.task", *args,
+                              "--checkpoint_every_steps=1"], cwd=REPO, env=cli_env(**gcs.env),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while "run/.lease" not in gcs.list(model_dir):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = run(gcs, "trainer.task", *args, timeout=120)
+        assert first.poll() is None, "the first job ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert "another job is training in this --model_dir: " in error_line(second)
+    # The killed job's lease names a process that is gone from this host: no wait.
+    rerun = run(gcs, "trainer.task", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "taking over the lease of a job that stopped" in rerun.stderr
+    assert "run/.lease" not in gcs.list(model_dir)

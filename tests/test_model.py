@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from trainer import config as config_lib
 from trainer import model
 from trainer.errors import UserError
 
@@ -92,3 +94,18 @@ def test_other_backbones_build_with_their_preprocessing(name):
     model.set_phase(classifier, "fine_tune", model.BACKBONES[name].fine_tune_at)
     assert 2 < trainable_count(classifier) < len(classifier.model.weights)
     assert classifier.model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("mobilenet_v2", 7, "--image_size=7 is outside what mobilenet_v2 can train on here (32 to 1024)"),
+    ("resnet50", 100000, "--image_size=100000 is outside what resnet50 can train on here"),
+    ("small_cnn", 4, "(8 to 1024)"),
+])
+def test_image_sizes_a_backbone_cannot_take_are_refused_up_front(name, size, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        model.check(name, size, "none")
+    model.check(name, 224, "none")
+
+
+def test_the_config_knows_every_backbone_by_name():
+    assert config_lib.BACKBONES == tuple(model.BACKBONES)

@@ -59,6 +59,38 @@ def test_prepare_refuses_to_overwrite_without_the_flag(prepared, tmp_path):
     assert "already holds a prepared dataset" in error_line(process)
 
 
+def test_prepare_again_after_a_stopped_one_removes_its_shards_only(prepared, tmp_path):
+    source, _, _ = prepared
+    output = tmp_path / "records"
+    output.mkdir()
+    for name in ("train-00003-of-00009.tfrecord", "train-index.json", "mine.tfrecord"):
+        (output / name).write_bytes(b"left over")
+    process = run_module("trainer.prepare", f"--images={source}", f"--output={output}",
+                         "--min_shards=2", "--validation_split=0.25")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "removed 2 file(s) of an earlier prepare" in process.stdout
+    assert sorted(os.listdir(output)) == [
+        "dataset_info.json", "labels.txt", "mine.tfrecord", "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord", "train-index.json", "validation-00000-of-00002.tfrecord",
+        "validation-00001-of-00002.tfrecord", "validation-index.json"]
+    assert len(sources.scan(str(output)).train) == 18
+
+
+def test_prepare_skips_and_counts_what_it_cannot_take(tmp_path):
+    source = images.folder(str(tmp_path / "images"), per_class=4, size=40)
+    huge = images.save(str(tmp_path / "images" / "train" / "red" / "huge.png"), size=400,
+                       kind="png")
+    output = str(tmp_path / "records")
+    process = run_module("trainer.prepare", f"--images={source}", f"--output={output}",
+                         "--max_side=32", "--max_image_pixels=100000", "--min_shards=1")
+    assert process.returncode == 0, process.stderr[-2000:]
+    with open(os.path.join(output, records.DATASET_INFO)) as handle:
+        info = json.load(handle)
+    assert info["skipped"] == [{"path": huge,
+                                "reason": "more than --max_image_pixels=100000 pixels"}]
+    assert info["splits"]["train"]["count"] + info["splits"]["validation"]["count"] == 8
+
+
 def test_training_from_prepared_shards(prepared, tmp_path):
     _, output, _ = prepared
     model_dir = str(tmp_path / "run")

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tests import images
-from tests.conftest import TINY_MODEL, run_module
+from tests.conftest import TINY_MODEL, error_line, run_module
 from trainer import config as config_lib
 from trainer import pipelines
 from trainer import sources
@@ -37,8 +37,7 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
     images.folder(root, classes=("green",), per_class=4, validation_per_class=2, size=32)
     images.save_corrupt(os.path.join(root, "train", "red", "broken.jpg"), "empty")
     process = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
-                         *TINY_MODEL, "--image_size=32",
-                         "--dry_run")
+                         *TINY_MODEL, "--image_size=32", "--batch_size=8", "--dry_run")
     assert process.returncode == 0, process.stderr[-2000:]
     assert "class imbalance in train: green 4, red 12 (largest/smallest 3.0)" in process.stdout
     assert "--class_weight=auto" in process.stdout
@@ -75,3 +74,14 @@ def test_tflite_export_agrees_with_the_saved_model(tmp_path):
         interpreter.invoke()
         np.testing.assert_allclose(interpreter.get_tensor(result["index"])[0],
                                    saved["probabilities"].numpy()[index], rtol=1e-4, atol=1e-5)
+
+
+def test_predict_names_the_signature_a_foreign_saved_model_lacks(tmp_path):
+    import keras
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).export(str(tmp_path / "foreign"))
+    image = images.save(str(tmp_path / "a.jpg"))
+    process = run_module("trainer.predict", f"--model_dir={tmp_path / 'foreign'}", image)
+    assert process.returncode == 2
+    assert ("is not a trainer export: expected serving_default(image_bytes: string[batch]), "
+            "found keras_tensor: float32(None, 4)") in error_line(process)

@@ -54,6 +54,14 @@ def test_smoke_job_learns_and_writes_every_output(smoke):
     assert metrics["cached_features"] and "decoded 450 images once" in process.stdout
 
 
+def test_a_normal_run_shows_only_the_jobs_own_lines(smoke):
+    process, _ = smoke
+    ours = ("data ", "strategy ", "cached backbone features", "decoded ", "epoch ",
+            "validation accuracy")
+    assert [line for line in process.stdout.splitlines() if not line.startswith(ours)] == []
+    assert process.stderr == ""
+
+
 def test_smoke_job_reports_per_class_metrics_and_a_plot(smoke):
     _, model_dir = smoke
     metrics = read_metrics(model_dir)
@@ -123,6 +131,17 @@ def test_different_config_in_the_same_model_dir_is_refused(smoke):
     assert open(os.path.join(model_dir, "metrics.json")).read() == before
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--backbone=mobilenet_v3", "unknown --backbone=mobilenet_v3: choose one of"),
+    ("--image_size=7", "--image_size=7 is outside what small_cnn can train on here"),
+])
+def test_flag_checks_come_before_the_model_dir_comparison(smoke, flag, message):
+    _, model_dir = smoke
+    process = run_module("trainer.task", f"--model_dir={model_dir}", flag)
+    assert process.returncode == 2
+    assert message in error_line(process)
+
+
 def _latest_checkpoint_step(directory):
     """The step of the checkpoint a restart would restore (the `checkpoint` state file)."""
     try:
@@ -132,18 +151,20 @@ def _latest_checkpoint_step(directory):
         return None
 
 
-def _start_and_stop(args, model_dir, ready, sig):
-    """Starts the job, waits until ready(latest checkpoint step), sends sig; returns the process
-    and its output."""
+def _start_and_stop(args, model_dir, ready, *signals):
+    """Starts the job, waits until ready(latest checkpoint step), sends the signals 0.1 s
+    apart; returns the process and its stdout and stderr."""
     job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=cli_env(), cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ready(_latest_checkpoint_step(os.path.join(model_dir, "checkpoints"))):
         assert job.poll() is None and time.time() < deadline, "job ended before it was stopped"
         time.sleep(0.02)
-    job.send_signal(sig)
-    output, _ = job.communicate(timeout=60)
-    return job, output
+    for sig in signals:
+        job.send_signal(sig)
+        time.sleep(0.1)
+    output, errors = job.communicate(timeout=60)
+    return job, output, errors
 
 
 def _resume_and_check(args, model_dir, first_output, step):
@@ -172,22 +193,35 @@ def _long_job(tmp_path, *extra):
 def test_sigkill_mid_epoch_resumes_at_the_last_step_checkpoint(tmp_path):
     model_dir, args = _long_job(tmp_path, "--checkpoint_every_steps=5")
     # 12 steps an epoch: wait for a checkpoint in the middle of epoch 3 or later.
-    job, output = _start_and_stop(args, model_dir, lambda step: step and step >= 25 and step % 12,
-                                  signal.SIGKILL)
+    job, output, _ = _start_and_stop(args, model_dir,
+                                     lambda step: step and step >= 25 and step % 12,
+                                     signal.SIGKILL)
     assert job.returncode == -signal.SIGKILL
     step = _latest_checkpoint_step(os.path.join(model_dir, "checkpoints"))
     assert step % 5 == 0 or step % 12 == 0
     _resume_and_check(args, model_dir, output, step)
 
 
-def test_sigterm_checkpoints_the_current_step_and_resumes_there(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 42), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_checkpoints_the_current_step_and_resumes_there(tmp_path, sig, code):
     model_dir, args = _long_job(tmp_path)
-    job, output = _start_and_stop(args, model_dir, lambda step: step and step >= 36,
-                                  signal.SIGTERM)
-    assert job.returncode == 42, output
-    stopped = int(re.search(r"stopped by SIGTERM at step (\d+): checkpoint saved", output).group(1))
+    job, output, errors = _start_and_stop(args, model_dir, lambda step: step and step >= 36, sig)
+    assert job.returncode == code and "Traceback" not in errors, errors
+    stopped = int(re.search(rf"stopped by {sig.name} at step (\d+): checkpoint saved",
+                            output).group(1))
     assert _latest_checkpoint_step(os.path.join(model_dir, "checkpoints")) == stopped
     _resume_and_check(args, model_dir, output, stopped)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
+    model_dir, args = _long_job(tmp_path)
+    job, output, errors = _start_and_stop(args, model_dir, lambda step: step and step >= 36,
+                                          signal.SIGINT, signal.SIGINT)
+    # Exit 130, or killed by SIGINT when it came while Python was already exiting: a shell
+    # reports both as 130.
+    assert job.returncode in (130, -signal.SIGINT) and "Traceback" not in errors, errors
+    lines = [line for line in (output + errors).splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1, output + errors
 
 
 @pytest.mark.parametrize("args, message", [
@@ -249,3 +283,45 @@ def test_mixed_precision_trains_and_exports(tmp_path, precision, policy):
     assert f"{policy}, 4 step(s) per execution" in process.stdout
     metrics = read_metrics(model_dir)
     assert metrics["global_steps"] == 36 and metrics["val_accuracy"] > 0.5
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB filesystem (tmpfs), or a skip where this user may not mount one."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("where", ["under a file", "at a file", "read-only"])
+def test_a_model_dir_that_cannot_be_written_is_one_line(tmp_path, small_disk, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    model_dir = {"under a file": a_file / "run", "at a file": a_file,
+                 "read-only": small_disk / "run"}[where]
+    if where == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo", *TINY_MODEL,
+                         "--image_size=32", "--epochs=1", "--fine_tune_epochs=0")
+    assert process.returncode == 2
+    assert f"cannot write to --model_dir={model_dir}" in error_line(process)
+    assert a_file.read_text() == "not a folder"
+
+
+def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(small_disk):
+    model_dir = small_disk / "run"
+    args = [f"--model_dir={model_dir}", "--data=demo", *TINY_MODEL, "--image_size=32",
+            "--epochs=2", "--fine_tune_epochs=1"]
+    process = run_module("trainer.task", *args)
+    assert process.returncode == 2
+    assert "a disk is full" in error_line(process) and "run the same command" in error_line(process)
+    assert (model_dir / "config.yaml").exists()
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+    process = run_module("trainer.task", *args)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert read_metrics(model_dir)["epochs_completed"] == 3

@@ -2,7 +2,9 @@
 
 import glob
 import os
+import signal
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -28,7 +30,7 @@ def tiny_trainer(tmp_path, **overrides):
     config = config_lib.Config(**{**values, **overrides})
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    classifier = model.build("small_cnn", "none", 16, 2, config.dropout)
+    classifier = model.build("small_cnn", "none", 16, 2, config.dropout, config.augmentations())
     schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
     execution = strategy_lib.execution("cpu", "off", 0, "off", schedule.steps_per_epoch)
     return train.Trainer(config, strategy, schedule, execution, classifier, source,
@@ -69,6 +71,67 @@ def test_a_fresh_trainer_resumes_the_recorded_history(tmp_path):
         assert len(again.fit(again.schedule.fine_tune)) == 2
 
 
+@pytest.mark.parametrize("randomness", [dict(dropout=0.5), dict(augment="flip,rotate")])
+def test_a_resumed_run_trains_bit_for_bit_like_an_uninterrupted_one(tmp_path, randomness):
+    settings = dict(batch_size=4, epochs=2, fine_tune_epochs=2, **randomness)  # 2 steps an epoch
+    with tiny_trainer(tmp_path / "whole", **settings) as whole:
+        whole.fit(whole.schedule.head)
+        whole.fit(whole.schedule.fine_tune)
+    with tiny_trainer(tmp_path / "stopped", **settings) as first:
+        # Stopped by a signal during step 3: checkpointed after it, mid-epoch 2.
+        chunk = first._chunk
+        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+                                          or chunk(step, end))
+        with pytest.raises(train.Preempted):
+            first.fit(first.schedule.head)
+    with tiny_trainer(tmp_path / "stopped", **settings) as resumed:
+        assert resumed.restore() == 3
+        resumed.fit(resumed.schedule.head)
+        resumed.fit(resumed.schedule.fine_tune)
+    def metrics(history):
+        return [[row[key] for key in ("loss", "accuracy", "val_loss", "val_accuracy")]
+                for row in history]
+    assert metrics(resumed.history) == metrics(whole.history)
+    for mine, theirs in zip(resumed.classifier.model.weights, whole.classifier.model.weights):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_a_storage_outage_mid_training_goes_on_from_the_last_checkpoint(tmp_path, monkeypatch):
+    settings = dict(batch_size=4, epochs=3, fine_tune_epochs=0, dropout=0.5)
+    with tiny_trainer(tmp_path / "whole", **settings) as whole:
+        whole.fit(whole.schedule.head)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # the backoff's waits
+    with tiny_trainer(tmp_path / "outage", **settings) as trainer:
+        run_epoch, calls = trainer._run_epoch, []
+
+        def failing_once_in_epoch_2(*args):
+            calls.append(args[1])
+            if calls == [0, 1]:
+                raise tf.errors.UnavailableError(None, None, "storage is away")
+            return run_epoch(*args)
+
+        trainer._run_epoch = failing_once_in_epoch_2
+        trainer.fit(trainer.schedule.head)
+    assert calls == [0, 1, 1, 2]  # epoch 2 again, from the checkpoint after epoch 1
+    assert [row["loss"] for row in trainer.history] == [row["loss"] for row in whole.history]
+    for mine, theirs in zip(trainer.classifier.model.weights, whole.classifier.model.weights):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_storage_failing_past_the_budget_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    with tiny_trainer(tmp_path, storage_retry_seconds=30) as trainer:
+        def away(*args):
+            raise tf.errors.AbortedError(None, None, "All 2 retry attempts failed")
+        trainer._run_epoch = away
+        with pytest.raises(UserError, match=r"storage failed for \d+s while training \(phase "
+                                            r"head\) \(All 2 retry attempts failed\); what was "
+                                            r"written is kept"):
+            trainer.fit(trainer.schedule.head)
+
+
 def test_leaving_the_trainer_on_an_error_removes_its_feature_files(tmp_path, monkeypatch):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -83,6 +146,14 @@ def test_leaving_the_trainer_on_an_error_removes_its_feature_files(tmp_path, mon
     assert not glob.glob(str(scratch / "trainer-*"))
 
 
+def test_a_stop_asked_for_while_caching_features_stops_before_training(tmp_path):
+    with tiny_trainer(tmp_path) as trainer:
+        trainer._request_stop(signal.SIGINT, None)  # as Ctrl-C would, before the first batch
+        with pytest.raises(train.Preempted) as stopped:
+            trainer.fit(trainer.schedule.head)
+    assert (stopped.value.signal, stopped.value.step, trainer.history) == ("SIGINT", 0, [])
+
+
 def test_schedule_derives_the_run_quantities_once():
     config = config_lib.Config(data="x", batch_size=32, epochs=3, fine_tune_epochs=2)
     schedule = train.Schedule.of(config, 100, replicas=4)
@@ -90,7 +161,7 @@ def test_schedule_derives_the_run_quantities_once():
         4, 8, 20)
     assert [(p.name, p.first_epoch, p.end_epoch) for p in schedule.phases] == [
         ("head", 0, 3), ("fine_tune", 3, 5)]
-    only_head = train.Schedule.of(config_lib.Config(data="x", fine_tune_epochs=0), 10, 1)
+    only_head = train.Schedule.of(config_lib.Config(data="x", fine_tune_epochs=0), 100, 1)
     assert [phase.name for phase in only_head.phases] == ["head"]
 
 
@@ -100,6 +171,52 @@ def test_a_batch_that_does_not_divide_over_the_replicas_is_refused():
         train.Schedule.of(config_lib.Config(data="x", batch_size=32), 100, replicas=3)
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_with_the_largest_that_fits():
+    with pytest.raises(UserError, match="--batch_size=100000 is larger than the 300 training "
+                                        "images: use at most 296"):
+        train.Schedule.of(config_lib.Config(data="x", batch_size=100000), 300, replicas=8)
+
+
 @pytest.mark.parametrize("step, every, due", [(10, 5, True), (11, 5, False), (10, 0, False)])
 def test_periodic_actions_are_due_on_multiples_of_their_period(step, every, due):
     assert train.itstime(step, every) is due
+
+
+def _damage(prefix, how):
+    if how == "truncated data":
+        path, = glob.glob(f"{prefix}.data-*")
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+    elif how == "deleted index":
+        os.remove(f"{prefix}.index")
+    else:  # random bytes over the index
+        with open(f"{prefix}.index", "wb") as handle:
+            handle.write(np.random.default_rng(0).bytes(300))
+
+
+@pytest.mark.parametrize("how", ["truncated data", "deleted index", "random bytes"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_it(tmp_path, how):
+    with tiny_trainer(tmp_path, fine_tune_epochs=2) as trainer:
+        trainer.fit(trainer.schedule.head)
+        trainer.fit(trainer.schedule.fine_tune)
+    _damage(str(tmp_path / "checkpoints" / "ckpt-3"), how)
+    with tiny_trainer(tmp_path, fine_tune_epochs=2) as again:
+        assert again.restore() == 2
+        assert len(again.history) == 2
+        # Set aside, not deleted; the good one stays among those kept.
+        assert glob.glob(str(tmp_path / "checkpoints" / "damaged-ckpt-3.*"))
+        again.fit(again.schedule.fine_tune)
+    assert os.path.exists(tmp_path / "checkpoints" / "ckpt-3.index")
+    with tiny_trainer(tmp_path, fine_tune_epochs=2) as finished:
+        assert finished.restore() == 3
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_again(tmp_path):
+    with tiny_trainer(tmp_path) as trainer:
+        trainer.fit(trainer.schedule.head)
+        trainer.fit(trainer.schedule.fine_tune)
+    for step in (1, 2):
+        _damage(str(tmp_path / "checkpoints" / f"ckpt-{step}"), "random bytes")
+    with tiny_trainer(tmp_path) as again:
+        with pytest.raises(UserError, match=r"none of the 2 checkpoint\(s\) in .* can be read"):
+            again.restore()

@@ -5,3 +5,7 @@ import os
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) would bury the job's own lines. Set
 # here, before any of our modules imports TensorFlow; a value the user set is kept.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow retries a failing gs:// call 10 times, up to 32 s apart: nearly two minutes before
+# an unreachable bucket is reported. Five (about 30 s) is enough for a blip; longer outages
+# are retried by the job itself, within --storage_retry_seconds (files.Backoff).
+os.environ.setdefault("GCS_RETRY_CONFIG_MAX_RETRIES", "5")

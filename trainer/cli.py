@@ -1,9 +1,15 @@
-"""Running an absl main so that user errors end as one line on stderr and exit status 2."""
+"""Running an absl main so that user errors end as one line on stderr and exit status 2, and a
+normal run shows only the job's own lines and real warnings."""
 
+import contextlib
+import os
+import re
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from trainer import errors
 
@@ -25,6 +31,37 @@ def _parse(argv):
 
 def run_main(main):
     def guarded(argv):
+        # TensorFlow's Python side logs routine INFO lines through absl (a line per checkpoint
+        # saved, per exported signature); --verbosity=0 brings them back.
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         with errors.reported():
             main(argv)
     app.run(guarded, flags_parser=_parse)
+
+
+# Written from C++ while TensorFlow loads, before its logging is set up, so that
+# TF_CPP_MIN_LOG_LEVEL cannot silence them (tensorflow/tensorflow#100442).
+_LOAD_NOTICES = re.compile(r"oneDNN custom operations are on|All log messages before "
+                           r"absl::InitializeLog\(\) is called")
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_load():
+    """Leaves TensorFlow's start-up notices out of stderr while it loads; every other line
+    written meanwhile goes through. A file rather than a pipe holds them, so that a loud load
+    cannot block."""
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not _LOAD_NOTICES.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

@@ -12,10 +12,11 @@ import typing
 from absl import flags
 import yaml
 
-from trainer import files
 from trainer.errors import UserError, first_line
 
 STRATEGIES = ("auto", "cpu", "gpu", "multiworker", "tpu")
+# The names of model.BACKBONES, known here so that a wrong name is found before TensorFlow loads.
+BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50", "small_cnn")
 PRECISIONS = ("auto", "off", "bf16", "fp16")
 SWITCHES = ("auto", "on", "off")
 # Keras preprocessing layers by name; "tutorial" is the TF tutorial's flip + rotate.
@@ -46,7 +47,7 @@ class Config:
     strategy: str = _field("auto", "Distribution strategy.", STRATEGIES)
     tpu: str = _field("", "TPU to use with --strategy=tpu: 'local' on a TPU VM, a name, or "
                       "grpc://host:port. Default: $TPU_NAME.")
-    backbone: str = _field("mobilenet_v2", "Pretrained backbone (see trainer/model.py BACKBONES).")
+    backbone: str = _field("mobilenet_v2", "Pretrained backbone: " + ", ".join(BACKBONES) + ".")
     base_weights: str = _field("imagenet", "Backbone weights: 'imagenet', 'none', or the path "
                                "(local or gs://) of a Keras weights file of the backbone without top.")
     image_size: int = _field(160, "Images are resized to image_size x image_size.")
@@ -68,6 +69,12 @@ class Config:
                                  SWITCHES)
     memory_budget_mb: int = _field(2048, "Cached features larger than this go to a file in the "
                                    "local temp dir instead of memory.")
+    max_image_pixels: int = _field(50_000_000, "Images with more pixels than this are skipped "
+                                   "and counted, never decoded (a 20000 x 20000 image decodes "
+                                   "to over a GB).")
+    storage_retry_seconds: int = _field(300, "How long to keep retrying reads and writes while "
+                                        "storage (gs://) fails transiently, before stopping "
+                                        "with an error; checkpoints stay, rerun to resume.")
     deterministic: bool = _field(True, "Read training images in a fixed order, so that a run "
                                  "resumed mid-epoch sees exactly the batches it would have. "
                                  "--nodeterministic lets reads that finish first go first "
@@ -93,16 +100,18 @@ class Config:
             choices = field.metadata["choices"]
             if choices and getattr(self, field.name) not in choices:
                 found.append((field.name, f"is not one of {', '.join(choices)}"))
-        for name in ("image_size", "batch_size", "learning_rate", "fine_tune_learning_rate"):
+        for name in ("image_size", "batch_size", "learning_rate", "fine_tune_learning_rate",
+                     "max_image_pixels"):
             if getattr(self, name) <= 0:
                 found.append((name, "must be positive"))
-        for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps", "steps_per_execution"):
+        for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps", "steps_per_execution",
+                     "storage_retry_seconds"):
             if getattr(self, name) < 0:
                 found.append((name, "must be 0 or more"))
         if self.epochs + self.fine_tune_epochs == 0:
             found.append(("epochs", "and fine_tune_epochs are both 0: nothing to train"))
-        if not 0 < self.validation_split < 1:
-            found.append(("validation_split", "must be between 0 and 1"))
+        if not 0 <= self.validation_split < 1:
+            found.append(("validation_split", "must be at least 0 and below 1"))
         if not 0 <= self.dropout < 1:
             found.append(("dropout", "must be in [0, 1)"))
         if self.fine_tune_at is not None and self.fine_tune_at < 0:
@@ -144,7 +153,7 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
 # Flags that may change between runs in one model_dir without making it a different run.
 RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "tfds_download", "checkpoint_every_steps",
                    "cache_features", "memory_budget_mb", "deterministic", "steps_per_execution",
-                   "jit_compile", "export_tflite")
+                   "jit_compile", "export_tflite", "storage_retry_seconds")
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
@@ -196,6 +205,8 @@ def define_flags(flag_values=flags.FLAGS):
 
 def load_yaml(path):
     """Reads a preset; every key must be a Config field."""
+    # Imported here: files loads TensorFlow, which --help and flag errors should not wait for.
+    from trainer import files
     if not files.exists(path):
         raise UserError(f"config file {path} not found: check the --config path")
     try:
@@ -229,6 +240,11 @@ def resolve(flag_values, environ=os.environ):
         values.update(SMOKE)
     values.update(given)
     config = Config(**values)
+    if config.backbone not in BACKBONES:
+        raise UserError(f"unknown --backbone={config.backbone}: choose one of "
+                        f"{', '.join(BACKBONES)}")
+    if not config_path and "data" not in given:
+        _check_smoke_backbone(given)
     if not config.model_dir:
         config.model_dir = environ.get("AIP_MODEL_DIR") or os.path.join(
             "runs", config_name(config_path) if (config_path or "data" not in given) else "default")
@@ -246,6 +262,17 @@ def data_root(data):
         return data
     from trainer import demo
     return demo.ensure()
+
+
+def _check_smoke_backbone(given):
+    """Another backbone on the smoke preset would inherit its random weights and learn almost
+    nothing (a random MobileNetV2 passes on almost nothing of its input)."""
+    backbone = given.get("backbone", SMOKE["backbone"])
+    if backbone != SMOKE["backbone"] and "base_weights" not in given:
+        raise UserError(f"--backbone={backbone} without --data or --config runs the smoke "
+                        "preset, whose base_weights: none leaves the backbone random: pass "
+                        "--base_weights=imagenet (or a weights file), or --data=... for the "
+                        "recipe's defaults")
 
 
 def from_yaml_text(text, source):

@@ -2,6 +2,7 @@
 the one place where errors from TensorFlow become it."""
 
 import contextlib
+import re
 import sys
 
 
@@ -24,9 +25,12 @@ def op_reason(error):
     return (reasons[-1] if reasons else lines[0])[:200]
 
 
+RESUME = "what was written is kept: run the same command to resume"
+
+
 @contextlib.contextmanager
 def from_tensorflow(data, multiworker):
-    """Turns the TensorFlow errors met while training whose cause the user can fix into
+    """Turns the errors met while training and exporting whose cause the user can fix into
     UserErrors; the rest stay tracebacks. Checkpoints already written stay, hence the advice to
     run the same command again."""
     import tensorflow as tf  # here, so that importing this module stays cheap for the CLI
@@ -38,17 +42,33 @@ def from_tensorflow(data, multiworker):
                         "resume from the last checkpoint") from None
     except (tf.errors.UnavailableError, tf.errors.AbortedError,
             tf.errors.CancelledError, tf.errors.DeadlineExceededError) as error:
-        if not multiworker:
+        if multiworker:
+            raise UserError(f"another worker stopped ({op_reason(error)}); restart all workers "
+                            "with the same command to resume from the last checkpoint") from None
+        raise UserError(f"storage failed ({op_reason(error)}); check the network or bucket; "
+                        f"{RESUME}") from None
+    except (tf.errors.ResourceExhaustedError, OSError) as error:
+        if "No space left on device" not in str(error):
             raise
-        raise UserError(f"another worker stopped ({op_reason(error)}); restart all workers with "
-                        "the same command to resume from the last checkpoint") from None
+        where = re.search(r"(/[^\s;']+?)(?:_temp\b|[\s;']|$)", str(error))
+        raise UserError(f"a disk is full (No space left on device"
+                        f"{' writing ' + where[1] if where else ''}); free some space, then run "
+                        "the same command to resume") from None
+    except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as error:
+        raise UserError(f"cannot write ({op_reason(error)}); fix the folder or its permissions; "
+                        f"{RESUME}") from None
 
 
 @contextlib.contextmanager
 def reported():
-    """A UserError ends the program as one line on stderr and exit status 2."""
+    """A UserError ends the program as one line on stderr and exit status 2; Ctrl-C as one line
+    and the shell's 130."""
     try:
         yield
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("stopped by Ctrl-C; what was written is kept: run the same command to "
+                         "resume\n")
+        sys.exit(130)

@@ -13,6 +13,7 @@ from tensorflow.python.framework import convert_to_constants
 
 from trainer import pipelines
 from trainer import files
+from trainer.errors import UserError
 
 
 class _Serving(tf.Module):
@@ -47,8 +48,18 @@ def export(model, class_names, image_size, export_dir):
 
 
 def load(export_dir):
-    """The serving function of an export: call it with image_bytes=<string tensor>."""
-    return tf.saved_model.load(export_dir).signatures["serving_default"]
+    """The serving function of an export: call it with image_bytes=<string tensor>. Loading
+    runs the SavedModel's graph: load only models you trust."""
+    signatures = tf.saved_model.load(export_dir).signatures
+    serve = signatures.get("serving_default")
+    inputs = serve.structured_input_signature[1] if serve is not None else {}
+    if set(inputs) != {"image_bytes"} or inputs["image_bytes"].dtype != tf.string:
+        found = (", ".join(f"{name}: {spec.dtype.name}{spec.shape}" for name, spec in
+                           inputs.items()) if serve is not None else
+                 f"no serving_default (signatures: {', '.join(signatures) or 'none'})")
+        raise UserError(f"{export_dir} is not a trainer export: expected serving_default("
+                        f"image_bytes: string[batch]), found {found}")
+    return serve
 
 
 class _Probabilities(tf.Module):

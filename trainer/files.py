@@ -3,8 +3,68 @@
 import json
 import os
 import tempfile
+import time
 
+from absl import logging
 import tensorflow as tf
+
+from trainer.errors import UserError, op_reason
+
+# What storage raises while it is unreachable or overloaded, after TensorFlow's own few quick
+# retries (a read or a listing that returns NotFound then is not one of these): the same call
+# may succeed later.
+TRANSIENT = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+
+
+class Backoff:
+    """Waits between attempts at something storage keeps failing, doubling the wait, until
+    failures have lasted `budget` seconds; then raises UserError. A failure more than `budget`
+    after the last one starts a new outage."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.began = self.last = None
+        self.delay = 1.0
+
+    def wait(self, error, what):
+        now = time.monotonic()
+        if self.last is None or now - self.last > self.budget:
+            self.began, self.delay = now, 1.0
+        self.last = now
+        if now - self.began + self.delay > self.budget:
+            raise UserError(f"storage failed for {now - self.began:.0f}s while {what} "
+                            f"({op_reason(error)}); what was written is kept: check the network "
+                            "or bucket, then run the same command to resume") from None
+        logging.warning("storage failed while %s (%s); trying again in %.0fs", what,
+                        op_reason(error), self.delay)
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, 30.0)
+
+
+def retrying(function, budget, what):
+    """function(), tried again while storage fails transiently, for up to budget seconds."""
+    backoff = Backoff(budget)
+    while True:
+        try:
+            return function()
+        except TRANSIENT as error:
+            backoff.wait(error, what)
+
+
+def check_reachable(path):
+    """A one-line error naming the bucket when storage cannot be reached at all: a listing
+    during an outage reads as 'not found' and would blame the data."""
+    bucket = bucket_root(path)
+    if not bucket:
+        return
+    try:
+        found = tf.io.gfile.exists(bucket)
+    except tf.errors.OpError as error:
+        raise UserError(f"cannot reach {bucket} (storage.googleapis.com): {op_reason(error)}; "
+                        "check the network and your access, then run again") from None
+    if not found:
+        raise UserError(f"bucket {bucket} of {path} does not exist or is not accessible: "
+                        "create it (gcloud storage buckets create) or fix the path")
 
 
 def join(*parts):

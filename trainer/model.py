@@ -44,6 +44,7 @@ class Backbone:
     preprocess: typing.Callable   # raw 0..255 RGB -> what the backbone was trained on
     fine_tune_at: int             # default first layer trained in phase 2
     has_imagenet_weights: bool = True
+    min_image_size: int = 32      # Keras applications refuse smaller inputs
 
 
 BACKBONES = {
@@ -54,8 +55,12 @@ BACKBONES = {
                                 keras.applications.efficientnet.preprocess_input, 221),
     "resnet50": Backbone(_application(keras.applications.ResNet50),
                          keras.applications.resnet50.preprocess_input, 143),
-    "small_cnn": Backbone(_small_cnn, lambda x: x / 127.5 - 1.0, 10, has_imagenet_weights=False),
+    "small_cnn": Backbone(_small_cnn, lambda x: x / 127.5 - 1.0, 10, has_imagenet_weights=False,
+                          min_image_size=8),
 }
+# Past this a batch outgrows a machine's memory long before training starts: 32 images of
+# 1024 px are 400 MB of input alone, and the backbone's activations are many times that.
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclasses.dataclass
@@ -73,6 +78,16 @@ def lookup(name):
     return BACKBONES[name]
 
 
+def check(backbone_name, image_size, base_weights):
+    """The backbone, image size and weights argument, before any work is done."""
+    _weights_argument(backbone_name, base_weights, copy=False)
+    spec = lookup(backbone_name)
+    if not spec.min_image_size <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size={image_size} is outside what {backbone_name} can train "
+                        f"on here ({spec.min_image_size} to {MAX_IMAGE_SIZE}); pretrained "
+                        "backbones do best near the 224 px they were trained at")
+
+
 def fine_tune_layer(backbone_name, fine_tune_at):
     """--fine_tune_at, or the backbone's default when it is not given."""
     return lookup(backbone_name).fine_tune_at if fine_tune_at is None else fine_tune_at
@@ -88,7 +103,9 @@ def trainable_parameters(classifier, fine_tune_at):
     return counts
 
 
-def _weights_argument(backbone_name, base_weights):
+def _weights_argument(backbone_name, base_weights, copy=True):
+    """What Keras's weights= takes: None, 'imagenet', or a local file (a copy of a remote one,
+    unless copy=False: then only whether it exists is checked)."""
     spec = lookup(backbone_name)
     if base_weights == "none":
         return None
@@ -99,7 +116,7 @@ def _weights_argument(backbone_name, base_weights):
     if not files.exists(base_weights):
         raise UserError(f"--base_weights={base_weights} not found: give 'imagenet', 'none' or "
                         "the path of a weights file")
-    return files.local_copy(base_weights)
+    return files.local_copy(base_weights) if copy else base_weights
 
 
 def build_backbone(backbone_name, base_weights, image_size):
@@ -149,6 +166,14 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
     model = keras.Model(images, head(features(augmented)), name=f"{backbone_name}_classifier")
     inference = keras.Model(images, head(features(images)), name=f"{backbone_name}_inference")
     return Classifier(model, inference, backbone, features, head)
+
+
+def random_state(model):
+    """The state of the model's random layers (dropout, augmentation), which advances with every
+    training step: checkpointed with the weights, so that a resumed run draws the same masks
+    and transforms as an uninterrupted one."""
+    return [variable for variable in model.variables
+            if variable.path.endswith("seed_generator_state")]
 
 
 def set_phase(classifier, phase, fine_tune_at):

@@ -73,13 +73,22 @@ def check(layout, config, overwrite):
 
 
 def _check_buckets(layout):
+    # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
     for path in (layout.model_dir, layout.checkpoint_dir, layout.log_dir):
-        bucket = files.bucket_root(path)
-        # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
-        if bucket and not files.exists(bucket):
-            raise UserError(f"bucket {bucket} of {path} does not exist or is not "
-                            "accessible: create it (gcloud storage buckets create) or fix "
-                            "the path")
+        files.check_reachable(path)
+
+
+def ensure_writable(layout):
+    """Creates --model_dir and writes a probe file there, so that a --model_dir under a file,
+    at a file or somewhere read-only is a one-line error before any work."""
+    probe = layout.path(f".write-probe-{os.getpid()}")
+    try:
+        tf.io.gfile.makedirs(layout.model_dir)
+        files.write_text(probe, "")
+        tf.io.gfile.remove(probe)
+    except tf.errors.OpError as error:
+        raise UserError(f"cannot write to --model_dir={layout.model_dir}: "
+                        f"{first_line(error.message)}; choose a folder you can write to") from None
 
 
 def write_start(layout, config, class_names):

@@ -50,7 +50,8 @@ def _data_lines(source):
         lines.append(f"    {name:<{width}}{train:>8}{validation:>12}")
     lines.append(f"    {'total':<{width}}{len(source.train):>8}{len(source.validation):>12}")
     lines.append(f"  unreadable    {len(source.skipped)} file(s) skipped"
-                 + "".join(f"\n    {path}" for path in source.skipped[:10]))
+                 + "".join(f"\n    {path}: {source.skip_reasons.get(path, 'skipped')}"
+                           for path in source.skipped[:10]))
     warning = sources.imbalance(source.train, source.class_names)
     if warning:
         lines.append(f"  warning       {warning}")

@@ -19,11 +19,12 @@ from PIL import Image
 import tensorflow as tf
 
 from trainer import config as config_lib
+from trainer.config import Config
 from trainer import files
 from trainer import records
 from trainer import sources
 from trainer.cli import run_main
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 flags.DEFINE_string("images", None, "Image folder ROOT with train/<class>/ (and optionally "
                     "validation/<class>/), local or gs://.")
@@ -37,28 +38,39 @@ flags.DEFINE_float("validation_split", 0.2, "Held out of train/ when there is no
 flags.DEFINE_integer("seed", 42, "Seed for the validation split and the record order.")
 flags.DEFINE_integer("workers", 0, "Threads reading and encoding images (0: one per CPU).")
 flags.DEFINE_bool("overwrite", False, "Replace a prepared dataset already at --output.")
+flags.DEFINE_integer("max_image_pixels", Config.max_image_pixels, "Images with more pixels "
+                     "are skipped and counted, never decoded.")
 FLAGS = flags.FLAGS
 
 
 def encode(path, max_side):
-    """The bytes to store: the file itself, or a downscaled JPEG of it."""
-    content = files.read_bytes(path)
+    """The bytes to store: the file itself, or a downscaled JPEG of it; None, with the reason,
+    for an image that cannot be re-encoded (one image never stops the conversion)."""
+    content = files.retrying(lambda: files.read_bytes(path), Config.storage_retry_seconds,
+                             f"reading {path}")
     if not max_side:
-        return content
-    image = Image.open(io.BytesIO(content))
-    if max(image.size) <= max_side:
-        return content
-    image = image.convert("RGB")
-    image.thumbnail((max_side, max_side), Image.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+        return content, None
+    try:
+        image = Image.open(io.BytesIO(content))
+        if max(image.size) <= max_side:
+            return content, None
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side), Image.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return None, f"cannot be re-encoded ({first_line(error)})"
+    return buffer.getvalue(), None
 
 
-def write_split(name, split, output, pool):
-    """Shards one split in a seeded order; returns its dataset_info entry."""
+def write_split(name, split, num_classes, output, pool):
+    """Shards one split in a seeded order; returns its dataset_info entry and the images it
+    had to leave out, as (path, reason)."""
     order = np.random.default_rng(FLAGS.seed).permutation(len(split))
-    contents = list(pool.map(lambda i: encode(split.paths[i], FLAGS.max_side), order))
+    encoded = list(pool.map(lambda i: encode(split.paths[i], FLAGS.max_side), order))
+    skipped = [(str(split.paths[i]), why) for i, (_, why) in zip(order, encoded) if why]
+    order = np.array([i for i, (_, why) in zip(order, encoded) if not why], dtype=int)
+    contents = [content for content, why in encoded if not why]
     total = sum(len(content) for content in contents)
     count = max(min(FLAGS.min_shards, len(order)),
                 math.ceil(total / (FLAGS.shard_size_mb * 2**20)))
@@ -68,8 +80,8 @@ def write_split(name, split, output, pool):
         shard_name = f"{name}-{shard:05d}-of-{count:05d}.tfrecord"
         with tf.io.TFRecordWriter(files.join(output, shard_name)) as writer:
             for position in range(bounds[shard], bounds[shard + 1]):
-                writer.write(records.serialize(contents[position], int(split.labels[order[position]]),
-                                      position))
+                writer.write(records.serialize(contents[position],
+                                               int(split.labels[order[position]]), position))
         shards.append(shard_name)
         print(f"{name}: shard {shard + 1}/{count} written "
               f"({bounds[shard + 1] - bounds[shard]} images)", flush=True)
@@ -77,7 +89,21 @@ def write_split(name, split, output, pool):
         "paths": [str(split.paths[i]) for i in order],
         "labels": [int(split.labels[i]) for i in order]})
     return {"count": len(order), "bytes": total, "shards": shards,
-            "records_per_shard": np.diff(bounds).tolist()}
+            "records_per_shard": np.diff(bounds).tolist(),
+            "per_class": np.bincount(split.labels[order], minlength=num_classes)}, skipped
+
+
+def _remove_earlier_output(output):
+    """Removes what an earlier prepare wrote to output: a dataset --overwrite replaces, or the
+    shards of one that was stopped before it finished (it has no dataset_info.json)."""
+    if not files.exists(output):
+        return
+    earlier = [name for name in files.listdir(output) if records.written_first(name)
+               or name in (records.DATASET_INFO, "labels.txt")]
+    for name in earlier:
+        files.remove_tree(files.join(output, name))
+    if earlier:
+        print(f"removed {len(earlier)} file(s) of an earlier prepare from {output}", flush=True)
 
 
 def main(argv):
@@ -86,24 +112,22 @@ def main(argv):
         raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
     output = FLAGS.output.rstrip("/")
     info_path = files.join(output, records.DATASET_INFO)
-    if files.exists(info_path):
-        if not FLAGS.overwrite:
-            raise UserError(f"{output} already holds a prepared dataset: use another --output, "
-                            "or --overwrite to replace it")
-        for name in files.listdir(output):
-            if name.endswith((".tfrecord", "-index.json")) or name in (
-                    records.DATASET_INFO, "labels.txt"):
-                files.remove_tree(files.join(output, name))
-    source = sources.scan(config_lib.data_root(FLAGS.images), FLAGS.validation_split, FLAGS.seed)
+    if files.exists(info_path) and not FLAGS.overwrite:
+        raise UserError(f"{output} already holds a prepared dataset: use another --output, "
+                        "or --overwrite to replace it")
+    _remove_earlier_output(output)
+    source = sources.scan(config_lib.data_root(FLAGS.images), FLAGS.validation_split, FLAGS.seed,
+                          max_pixels=FLAGS.max_image_pixels)
     print(sources.describe(source), flush=True)
     tf.io.gfile.makedirs(output)
-    splits = {}
+    splits, skipped = {}, list(source.skip_reasons.items())
     with concurrent.futures.ThreadPoolExecutor(FLAGS.workers or os.cpu_count()) as pool:
         for name, split in (("train", source.train), ("validation", source.validation)):
-            splits[name] = write_split(name, split, output, pool)
-            counts = split.class_counts(len(source.class_names))
-            splits[name]["per_class"] = {
-                class_name: int(count) for class_name, count in zip(source.class_names, counts)}
+            splits[name], left_out = write_split(name, split, len(source.class_names), output,
+                                                 pool)
+            skipped += left_out
+            splits[name]["per_class"] = {class_name: int(count) for class_name, count in
+                                         zip(source.class_names, splits[name]["per_class"])}
     files.write_lines(files.join(output, "labels.txt"), source.class_names)
     files.write_json(info_path, {
         "format": records.FORMAT,
@@ -113,12 +137,12 @@ def main(argv):
         "image_policy": {"max_side": FLAGS.max_side or None,
                          "encoding": "JPEG quality 90 when downscaled, else the original file"},
         "splits": splits,
-        "skipped": [{"path": path, "reason": "cannot be decoded"} for path in source.skipped],
+        "skipped": [{"path": path, "reason": why} for path, why in skipped],
     })
     print(f"prepared {output}: {splits['train']['count']} train and "
           f"{splits['validation']['count']} validation images in "
           f"{len(splits['train']['shards'])} + {len(splits['validation']['shards'])} shards; "
-          f"{len(source.skipped)} skipped", flush=True)
+          f"{len(skipped)} skipped", flush=True)
 
 
 if __name__ == "__main__":

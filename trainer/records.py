@@ -6,10 +6,20 @@ these features, `<split>-index.json` (each record's source path and label, in re
 `labels.txt`, and last DATASET_INFO, whose presence marks the folder as prepared.
 """
 
+import re
+
 import tensorflow as tf
 
 DATASET_INFO = "dataset_info.json"
 FORMAT = "trainer-tfrecord-v1"
+# The files prepare writes before DATASET_INFO: without it, a folder holding them is a
+# conversion that never finished.
+_WRITTEN_FIRST = re.compile(r"(train|validation)-(\d{5}-of-\d{5}\.tfrecord|index\.json)")
+
+
+def written_first(name):
+    """Whether a file name is one of the shards or indexes prepare writes before DATASET_INFO."""
+    return bool(_WRITTEN_FIRST.fullmatch(name))
 FEATURES = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
             "image/label": tf.io.FixedLenFeature([], tf.int64),
             "image/index": tf.io.FixedLenFeature([], tf.int64)}

@@ -5,7 +5,10 @@ A Split lists its examples (paths, or names for records) and labels up front, so
 pipeline can fix the order of an epoch before reading anything (see pipelines.py).
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import struct
 
 from absl import logging
 import numpy as np
@@ -13,6 +16,7 @@ import tensorflow as tf
 
 from trainer import files
 from trainer import records
+from trainer.config import Config
 from trainer.errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -45,10 +49,12 @@ class Source:
     train: Split
     validation: Split
     validation_source: str  # "validation/" or how it was held out of train/
-    skipped: list           # paths that could not be decoded
+    skipped: list           # paths of the images left out
+    skip_reasons: dict = dataclasses.field(default_factory=dict)  # path: why it was left out
 
 
-def scan(root, validation_split=0.2, seed=42, tfds_options=None):
+def scan(root, validation_split=0.2, seed=42, tfds_options=None,
+         max_pixels=Config.max_image_pixels, retry_seconds=Config.storage_retry_seconds):
     """Opens --data: lists and checks an image folder, or opens a prepared or TFDS dataset;
     errors name the folder at fault."""
     if not root:
@@ -56,16 +62,20 @@ def scan(root, validation_split=0.2, seed=42, tfds_options=None):
     if root.startswith("tfds:"):
         return _open_tfds(root[len("tfds:"):], tfds_options or {}, validation_split)
     root = root.rstrip("/")
+    files.check_reachable(root)
     try:
         if not files.exists(root):
             raise UserError(f"--data={root} does not exist: check the path or bucket name")
         if files.exists(files.join(root, records.DATASET_INFO)):
             return _open_prepared(root)
+        if any(records.written_first(name) for name in files.listdir(root)):
+            raise UserError(f"--data={root} is an incomplete trainer.prepare output (no "
+                            f"{records.DATASET_INFO}): run prepare again")
         listed = _list_image_folder(root)
     except tf.errors.OpError as error:
         raise UserError(f"cannot read --data={root}: {first_line(error.message)}; check "
                         "the path and your access to it") from None
-    return _check_image_folder(root, *listed, validation_split, seed)
+    return _check_image_folder(root, *listed, validation_split, seed, max_pixels, retry_seconds)
 
 
 # -- image folders ---------------------------------------------------------------------------
@@ -113,47 +123,83 @@ def _list_image_folder(root):
     return class_names, train, _list_split(validation_root, class_names)
 
 
-def _check_image_folder(root, class_names, train, validation, validation_split, seed):
-    """The Source of a listed image folder: files that do not decode are skipped and counted;
-    without validation/, a stratified part of train/ is held out."""
-    train, skipped = _drop_unreadable(train, files.join(root, "train"), class_names)
+def _check_image_folder(root, class_names, train, validation, validation_split, seed,
+                        max_pixels, retry_seconds):
+    """The Source of a listed image folder: files that do not decode or are too large are
+    skipped and counted; without validation/, a stratified part of train/ is held out."""
+    def checked(split, name):
+        return _drop_unreadable(split, files.join(root, name), class_names, max_pixels,
+                                retry_seconds)
+    train, skipped = checked(train, "train")
     if validation is not None:
-        validation, skipped_validation = _drop_unreadable(
-            validation, files.join(root, "validation"), class_names)
+        validation, skipped_validation = checked(validation, "validation")
         skipped += skipped_validation
         held_out = "validation/"
     else:
+        _need_held_out(validation_split, f"--data={root} has no validation/ folder")
         train, validation = _stratified_split(train, validation_split, seed)
         held_out = f"{validation_split:.0%} of train/, stratified, seed {seed}"
     if skipped:
-        logging.warning("skipped %d unreadable image(s), e.g. %s", len(skipped),
-                        ", ".join(skipped[:3]))
-    return Source(root, class_names, train, validation, held_out, skipped)
+        logging.warning("skipped %d image(s): %s", len(skipped), "; ".join(
+            f"{count} {why}" for why, count in collections.Counter(
+                why for _, why in skipped).items()))
+    return Source(root, class_names, train, validation, held_out,
+                  [path for path, _ in skipped], dict(skipped))
 
 
-def find_unreadable(paths):
-    """Indices of files TensorFlow's decoders reject, found with the decoder training uses."""
-    def check(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return index, tf.shape(image)[0]
-
-    dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
-    dataset = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    dataset = dataset.ignore_errors().batch(1024)
-    readable = np.zeros(len(paths), dtype=bool)
-    for indices, _ in dataset.as_numpy_iterator():
-        readable[indices] = True
-    return np.flatnonzero(~readable)
+def _need_held_out(validation_split, why):
+    if not validation_split:
+        raise UserError(f"{why}, and --validation_split=0 holds nothing out to validate on: "
+                        "give a fraction such as 0.2, or add the validation data")
 
 
-def _drop_unreadable(split, split_root, class_names):
-    bad = find_unreadable(split.paths)
-    kept = Split(np.delete(split.paths, bad), np.delete(split.labels, bad))
+def find_unreadable(paths, max_pixels, retry_seconds):
+    """{index: why} of the files to skip: too many pixels (read from the header, never
+    decoded), or rejected by the decoder training uses. A read that storage fails transiently
+    is retried for up to retry_seconds, never counted as a bad image."""
+    def check(index):
+        content = files.retrying(lambda: files.read_bytes(paths[index]), retry_seconds,
+                                 f"reading {paths[index]}")
+        try:
+            pixels = _header_pixels(content)
+            if pixels is not None and pixels > max_pixels:
+                return index, f"more than --max_image_pixels={max_pixels} pixels"
+            tf.io.decode_image(content, channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            return index, "cannot be decoded"
+        return index, None
+
+    # Threads: remote reads wait on the network, and TensorFlow's decoder releases the GIL. A
+    # few, since each may hold a decoded image of up to max_pixels.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return {index: why for index, why in pool.map(check, range(len(paths))) if why}
+
+
+def _header_pixels(content):
+    """Width x height from an image file's header, without decoding it; None for a header this
+    does not know, which the decoder then judges."""
+    if content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) >= 24:
+        width, height = struct.unpack(">II", content[16:24])
+    elif content[:6] in (b"GIF87a", b"GIF89a") and len(content) >= 10:
+        width, height = struct.unpack("<HH", content[6:10])
+    elif content[:2] == b"BM" and len(content) >= 26:
+        width, height = struct.unpack("<ii", content[18:26])
+    elif content[:2] == b"\xff\xd8":
+        height, width, _ = tf.image.extract_jpeg_shape(content).numpy()
+    else:
+        return None
+    return abs(int(width) * int(height))
+
+
+def _drop_unreadable(split, split_root, class_names, max_pixels, retry_seconds):
+    bad = find_unreadable(split.paths, max_pixels, retry_seconds)
+    drop = sorted(bad)
+    kept = Split(np.delete(split.paths, drop), np.delete(split.labels, drop))
     for label, count in enumerate(kept.class_counts(len(class_names))):
         if not count:
             raise UserError(f"class folder {files.join(split_root, class_names[label])} holds "
                             "no readable image; fix or remove it")
-    return kept, [str(path) for path in split.paths[bad]]
+    return kept, [(str(split.paths[index]), bad[index]) for index in drop]
 
 
 def _stratified_split(split, fraction, seed):
@@ -183,7 +229,8 @@ def _open_prepared(root):
                              [files.join(root, shard) for shard in info["splits"][name]["shards"]])
     return Source(root, info["class_names"], splits["train"], splits["validation"],
                   f"prepared TFRecords ({info['validation_source']})",
-                  [entry["path"] for entry in info["skipped"]])
+                  [entry["path"] for entry in info["skipped"]],
+                  {entry["path"]: entry["reason"] for entry in info["skipped"]})
 
 
 # -- TensorFlow Datasets ---------------------------------------------------------------------
@@ -228,6 +275,7 @@ def _open_tfds(name, options, validation_split):
         if "validation" in splits:
             validation = "validation"
         else:
+            _need_held_out(validation_split, f"TFDS dataset {name} has no validation split")
             kept = round(100 * (1 - validation_split))
             train, validation = f"{train}[:{kept}%]", f"{train}[{kept}%:]"
     class_names = builder.info.features[builder.info.supervised_keys[1]].names
@@ -271,4 +319,4 @@ def describe(source):
     return (f"data {source.root}: {len(source.class_names)} classes; train {len(source.train)} "
             f"({counts(source.train)}); validation {len(source.validation)} "
             f"({counts(source.validation)}) from {source.validation_source}; "
-            f"{len(source.skipped)} unreadable skipped")
+            f"{len(source.skipped)} skipped (unreadable or too large)")

@@ -3,39 +3,41 @@
 flags -> config -> strategy -> data -> model -> train the head -> fine-tune -> export.
 """
 
+import contextlib
+import dataclasses
 import os
+import signal
 import sys
 import time
 
 from absl import flags
 from absl import logging
-import keras
-import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import export
-from trainer import model
-from trainer import outputs
-from trainer import plan
-from trainer import report
-from trainer import sources
-from trainer import strategy as strategy_lib
-from trainer import train
-from trainer.cli import run_main
+from trainer import errors
+from trainer import lease
+from trainer.cli import quiet_tensorflow_load, run_main
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # so that --help lists them, not only --helpfull
 
-# Exit status of a job stopped by SIGTERM after checkpointing: not done, run it again.
-PREEMPTED_EXIT_CODE = 42
+# Exit status of a job stopped after checkpointing: by SIGTERM (a preemption; run it again),
+# or by Ctrl-C (the shell's 128 + SIGINT).
+STOPPED_EXIT_CODES = {"SIGTERM": 42, "SIGINT": 128 + signal.SIGINT}
 
 
 def main(argv):
     del argv
     began = time.time()
-    tf.get_logger().setLevel("ERROR")
     config = config_lib.resolve(FLAGS)
+    # The stages load TensorFlow (seconds): imported once the flags are known to be good, so
+    # that --help and a wrong flag answer at once.
+    with quiet_tensorflow_load():
+        import tensorflow as tf
+    from trainer import model, outputs, train
+    tf.get_logger().setLevel("ERROR")
+    model.check(config.backbone, config.image_size, config.base_weights)
     layout = outputs.Layout.of(config.model_dir)
     state = outputs.check(layout, config, FLAGS.overwrite)
     if state == "complete" and not FLAGS.dry_run:
@@ -43,79 +45,115 @@ def main(argv):
               "(use --overwrite to train again)")
         return
 
-    strategy, kind, reason = _create_strategy(config)
-    source = sources.scan(config_lib.data_root(config.data), config.validation_split,
-                          config.seed, config.tfds_options())
-    schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
-    execution = strategy_lib.execution(kind, config.mixed_precision, config.steps_per_execution,
-                                       config.jit_compile, schedule.steps_per_epoch)
-    strategy_line = plan.strategy_line(kind, reason, schedule, execution)
-    keras.mixed_precision.set_global_policy(execution.policy)
-    keras.utils.set_random_seed(config.seed)
+    run = _set_up(config)
     if FLAGS.dry_run:
-        print(_dry_run_plan(config, schedule, strategy_line, source, layout, state))
+        print(_dry_run_plan(config, run, layout, state))
         return
-    if state == "overwrite":
-        outputs.wipe(layout)
-    print(sources.describe(source), flush=True)
-    print(strategy_line, flush=True)
-    imbalance = sources.imbalance(source.train, source.class_names)
-    if imbalance and config.class_weight != "auto":
-        logging.warning(imbalance)
-
-    with strategy.scope():
-        classifier = model.build(config.backbone, config.base_weights, config.image_size,
-                                 len(source.class_names), config.dropout, config.augmentations())
-    chief = strategy_lib.is_chief(strategy)
-    with train.Trainer(config, strategy, schedule, execution, classifier, source,
-                       layout.checkpoint_dir, layout.log_dir, chief) as trainer:
-        resumed_step = _restore(trainer, layout, config, source.class_names, chief)
-        try:
-            trainer.fit(schedule.head)       # phase 1: a new head on the frozen backbone
-            trainer.fit(schedule.fine_tune)  # phase 2: the top of the backbone too, lower rate
-        except train.Preempted as stopped:
-            print(f"stopped by SIGTERM at step {stopped}: checkpoint saved; run the same "
-                  "command to resume", flush=True)
-            sys.exit(PREEMPTED_EXIT_CODE)
-        evaluation = _evaluate_and_export(trainer, classifier, source, config, layout, chief)
-    if chief:
-        _write_report(trainer, classifier, evaluation, config, layout, resumed_step, began)
+    _announce(config, run)
+    outputs.ensure_writable(layout)
+    with errors.from_tensorflow(config.data, run.kind == "multiworker"), \
+            lease.held(config.model_dir, run.chief):
+        if state == "overwrite":
+            outputs.wipe(layout)
+        with run.strategy.scope():
+            classifier = model.build(config.backbone, config.base_weights, config.image_size,
+                                     len(run.source.class_names), config.dropout,
+                                     config.augmentations())
+        with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
+                           run.source, layout.checkpoint_dir, layout.log_dir,
+                           run.chief) as trainer:
+            resumed_step = _restore(trainer, layout, config, run.chief)
+            with _exit_when_stopped():
+                trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
+                trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
+            evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
+            if run.chief:
+                _write_report(trainer, evaluation, config, layout, resumed_step, began)
 
 
-def _create_strategy(config):
-    """The strategy first, before other TensorFlow work: multi-worker collectives and TPU
-    initialisation must come first in the process."""
+@dataclasses.dataclass
+class _Run:
+    """What the job runs on: decided before any training, shown by --dry_run."""
+    strategy: object
+    kind: str           # the strategy's name, 'auto' resolved
+    chief: bool         # this process writes the outputs
+    source: object      # sources.Source
+    schedule: object    # train.Schedule
+    execution: object   # strategy.Execution
+    strategy_line: str
+
+
+def _set_up(config):
+    """The strategy first, before other TensorFlow work (multi-worker collectives and TPU
+    initialisation must come first in the process), then the data, then what follows."""
+    import keras
+    from trainer import plan, sources, strategy as strategy_lib, train
     kind, reason = strategy_lib.pick(config.strategy, config.tpu)
     strategy_lib.check_paths_reachable(kind, config.tpu, {"data": config.data,
                                                           "model_dir": config.model_dir})
     strategy, _, _ = strategy_lib.create(kind, config.tpu)
-    return strategy, kind, reason
+    source = sources.scan(config_lib.data_root(config.data), config.validation_split,
+                          config.seed, config.tfds_options(), config.max_image_pixels,
+                          config.storage_retry_seconds)
+    schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
+    execution = strategy_lib.execution(kind, config.mixed_precision, config.steps_per_execution,
+                                       config.jit_compile, schedule.steps_per_epoch)
+    keras.mixed_precision.set_global_policy(execution.policy)
+    keras.utils.set_random_seed(config.seed)
+    return _Run(strategy, kind, strategy_lib.is_chief(strategy), source, schedule, execution,
+                plan.strategy_line(kind, reason, schedule, execution))
 
 
-def _dry_run_plan(config, schedule, strategy_line, source, layout, state):
+def _announce(config, run):
+    from trainer import sources
+    print(sources.describe(run.source), flush=True)
+    print(run.strategy_line, flush=True)
+    imbalance = sources.imbalance(run.source.train, run.source.class_names)
+    if imbalance and config.class_weight != "auto":
+        logging.warning(imbalance)
+
+
+@contextlib.contextmanager
+def _exit_when_stopped():
+    """SIGTERM or Ctrl-C during training: the checkpoint is saved; say so and exit."""
+    from trainer import train
+    try:
+        yield
+    except train.Preempted as stopped:
+        print(f"stopped by {stopped.signal} at step {stopped.step}: checkpoint saved; run the "
+              "same command to resume", flush=True)
+        sys.exit(STOPPED_EXIT_CODES[stopped.signal])
+
+
+def _dry_run_plan(config, run, layout, state):
+    from trainer import model, plan
     # Parameter counts do not depend on the weights: build without downloading any.
     classifier = model.build(config.backbone, "none", config.image_size,
-                             len(source.class_names), config.dropout)
+                             len(run.source.class_names), config.dropout)
     counts = model.trainable_parameters(
         classifier, model.fine_tune_layer(config.backbone, config.fine_tune_at))
-    return plan.describe(config, schedule, strategy_line, source, layout, state, counts)
+    return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
+                         counts)
 
 
-def _restore(trainer, layout, config, class_names, chief):
+def _restore(trainer, layout, config, chief):
     """Resumes from the latest checkpoint, if any, and records the run's config; returns the
     step resumed from, or None."""
+    from trainer import outputs
     resumed_step = trainer.restore()
     if resumed_step is not None:
         print(f"resuming from epoch {resumed_step // trainer.schedule.steps_per_epoch} "
               f"(step {resumed_step} of {trainer.schedule.total_steps})", flush=True)
     if chief:
-        outputs.write_start(layout, config, class_names)
+        outputs.write_start(layout, config, trainer.source.class_names)
     return resumed_step
 
 
-def _evaluate_and_export(trainer, classifier, source, config, layout, chief):
+def _evaluate_and_export(trainer, config, layout, chief):
     """The validation report's metrics and the SavedModel. Every worker takes part in both;
     only the chief's results are kept."""
+    from trainer import export, report
+    classifier, source = trainer.classifier, trainer.source
     evaluation = report.evaluation_metrics(trainer.predict_validation(),
                                            source.validation.labels, source.validation.paths,
                                            source.class_names)
@@ -124,11 +162,13 @@ def _evaluate_and_export(trainer, classifier, source, config, layout, chief):
     return evaluation
 
 
-def _write_report(trainer, classifier, evaluation, config, layout, resumed_step, began):
+def _write_report(trainer, evaluation, config, layout, resumed_step, began):
     """The chief's outputs besides the export: model.tflite, report.png, metrics.json, the
     tuning metric, and the closing line."""
+    from trainer import export, outputs, report
     if config.export_tflite:
-        export.export_tflite(classifier.inference, config.image_size, layout.path("model.tflite"))
+        export.export_tflite(trainer.classifier.inference, config.image_size,
+                             layout.path("model.tflite"))
     history, source = trainer.history, trainer.source
     report.plot(history, evaluation["confusion_matrix"], source.class_names,
                 layout.path("report.png"))

@@ -22,19 +22,31 @@ import sys
 import tempfile
 import time
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer import errors
+from trainer import files
 from trainer import model as model_lib
 from trainer import pipelines
 from trainer import sources
 from trainer.errors import UserError
 
 
+# At least two, so that when the newest cannot be read the one before it can be.
+KEEP_CHECKPOINTS = 2
+
+
 class Preempted(Exception):
-    """SIGTERM arrived (a preemption or a stopped job); a checkpoint was saved at this step."""
+    """SIGTERM (a preemption or a stopped job) or SIGINT (Ctrl-C) arrived; a checkpoint was
+    saved at this step."""
+
+    def __init__(self, step, signum):
+        super().__init__(step)
+        self.step = step
+        self.signal = signal.Signals(signum).name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +72,12 @@ class Schedule:
         if config.batch_size % replicas:
             raise UserError(f"--batch_size={config.batch_size} is global and must divide evenly "
                             f"over {replicas} replicas: use a multiple of {replicas}")
+        if config.batch_size > train_examples:
+            # Every step would pad its batch with repeats of the same few images, at the
+            # memory cost of the whole batch.
+            largest = train_examples // replicas * replicas
+            raise UserError(f"--batch_size={config.batch_size} is larger than the "
+                            f"{train_examples} training images: use at most {largest}")
         total = config.epochs + config.fine_tune_epochs
         return cls(config.batch_size, replicas,
                    pipelines.steps_per_epoch(train_examples, config.batch_size),
@@ -106,10 +124,11 @@ class Trainer:
         self.phase_seconds = {}  # wall time of each phase in this process, caching included
         self.history = []        # one record per finished epoch, both phases
         self._sums = [0.0, 0.0, 0.0]  # loss, correct and count of the epoch so far
-        self._stop_requested = False
+        self._stop_requested = None  # the signal that asked this process to stop
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self._feature_files = []
         self._decoded = None  # images decoded once, for the phases that read images
+        self._features = None  # [train, validation] backbone features, for phase 1
         # Backbone features of the validation split while they still match the backbone: from
         # the cached phase 1 until phase 2 changes it.
         self._validation_features = None
@@ -121,12 +140,15 @@ class Trainer:
         self.state = tf.Variable("{}", dtype=tf.string, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
             model=classifier.model, step=self.step, state=self.state,
+            random_state=model_lib.random_state(classifier.model),
             **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()})
         self.checkpoint_dir = checkpoint_dir
+        self.chief = chief
         # Every worker must take part in saving; only the chief's copy is kept.
         self.scratch = None if chief else tempfile.mkdtemp(prefix="trainer-worker-")
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, checkpoint_dir if chief else self.scratch, max_to_keep=2)
+            self.checkpoint, checkpoint_dir if chief else self.scratch,
+            max_to_keep=KEEP_CHECKPOINTS)
         self.writers = None
         if chief:
             self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
@@ -163,16 +185,49 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def restore(self):
-        """Restores the latest checkpoint, if any; returns the step it was taken at, or None."""
-        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if not latest:
-            return None
-        try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise UserError(f"checkpoint {latest} does not fit this job "
-                            f"({errors.first_line(error)}); use another --model_dir or "
-                            "--overwrite") from None
+        """Restores the newest checkpoint that can be read; returns its step, or None when there
+        is none. Newer ones that cannot be read are set aside (renamed, never deleted) with a
+        warning; if none can be read, the job stops rather than start from zero."""
+        damaged = []
+        for prefix in _checkpoints(self.checkpoint_dir):
+            try:
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            except (AssertionError, ValueError) as error:  # another model or optimizer
+                raise UserError(f"checkpoint {prefix} does not fit this job "
+                                f"({errors.first_line(error)}); use another --model_dir or "
+                                "--overwrite") from None
+            except (tf.errors.OpError, IndexError) as error:  # IndexError: a file cut short
+                reason = (errors.op_reason(error) if isinstance(error, tf.errors.OpError)
+                          else errors.first_line(error))
+                logging.warning("checkpoint %s cannot be read (%s); trying the one before it",
+                                prefix, reason)
+                damaged.append(prefix)
+                continue
+            if damaged and self.chief:
+                self._set_aside(damaged)
+            return self._restored_step()
+        if damaged:
+            raise UserError(f"none of the {len(damaged)} checkpoint(s) in {self.checkpoint_dir} "
+                            "can be read (see the warnings above): move them away to start "
+                            "afresh, or use --overwrite")
+        return None
+
+    def _set_aside(self, prefixes):
+        """Renames damaged checkpoints' files to damaged-ckpt-N.*, out of the manager's sight,
+        so that they are neither restored nor counted among the checkpoints it keeps."""
+        for prefix in prefixes:
+            for path in tf.io.gfile.glob(f"{prefix}.*"):
+                folder, name = os.path.split(path)
+                tf.io.gfile.rename(path, os.path.join(folder, f"damaged-{name}"), overwrite=True)
+            logging.warning("moved the files of %s to damaged-%s.*", prefix,
+                            os.path.basename(prefix))
+        kept = _checkpoints(self.checkpoint_dir)
+        tf.compat.v1.train.update_checkpoint_state(self.checkpoint_dir, kept[0],
+                                                   all_model_checkpoint_paths=kept[::-1])
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.checkpoint_dir,
+                                                  max_to_keep=KEEP_CHECKPOINTS)
+
+    def _restored_step(self):
         state = json.loads(self.state.numpy().decode())
         self.history = state.get("history", [])
         self._sums = state.get("sums", [0.0, 0.0, 0.0])
@@ -187,20 +242,40 @@ class Trainer:
     def fit(self, phase):
         """Trains `phase` from the current step to its end; nothing if it is done already.
         Returns the history of every epoch so far. Raises Preempted after saving a checkpoint
-        if SIGTERM arrives on any worker."""
-        steps_per_epoch = self.schedule.steps_per_epoch
-        first_step = max(int(self.step.numpy()), phase.first_epoch * steps_per_epoch)
-        if first_step >= self.schedule.end_step(phase):
+        if SIGTERM or Ctrl-C arrives on any worker.
+
+        When storage fails transiently (reading data, writing a checkpoint), the phase goes on
+        from the last checkpoint, as a rerun would, until failures have lasted
+        --storage_retry_seconds; the data order follows from the step, so nothing is lost but
+        the steps since that checkpoint."""
+        if int(self.step.numpy()) >= self.schedule.end_step(phase):
             return self.history
         began = time.time()
-        with errors.from_tensorflow(self.config.data, self._multiworker), self._stop_on_sigterm():
-            inputs, evaluate = self._phase_inputs(phase, first_step)
-            iterator = iter(inputs)
-            train_steps = self._train_function(phase)
-            for epoch in range(first_step // steps_per_epoch, phase.end_epoch):
-                self._run_epoch(phase, epoch, train_steps, iterator, evaluate)
+        backoff = files.Backoff(self.config.storage_retry_seconds)
+        with errors.from_tensorflow(self.config.data, self._multiworker), self._stop_on_signals():
+            failed = False
+            while True:
+                try:
+                    if failed:
+                        self.restore()
+                    self._fit_from_current_step(phase)
+                    break
+                except files.TRANSIENT as error:
+                    if self._multiworker:
+                        raise  # every worker must restart together: a one-line error
+                    backoff.wait(error, f"training (phase {phase.name})")
+                    failed = True
         self.phase_seconds[phase.name] = round(time.time() - began, 2)
         return self.history
+
+    def _fit_from_current_step(self, phase):
+        steps_per_epoch = self.schedule.steps_per_epoch
+        first_step = max(int(self.step.numpy()), phase.first_epoch * steps_per_epoch)
+        inputs, evaluate = self._phase_inputs(phase, first_step)
+        iterator = iter(inputs)
+        train_steps = self._train_function(phase)
+        for epoch in range(first_step // steps_per_epoch, phase.end_epoch):
+            self._run_epoch(phase, epoch, train_steps, iterator, evaluate)
 
     def _run_epoch(self, phase, epoch, train_steps, iterator, evaluate):
         """Trains the rest of one epoch, then validates, records and checkpoints it. Periodic
@@ -215,7 +290,7 @@ class Trainer:
         while step < epoch_end:
             steps = self._chunk(step, epoch_end)
             *sums, stops = train_steps(iterator, tf.constant(steps),
-                                       tf.constant(float(self._stop_requested))).numpy()
+                                       tf.constant(float(bool(self._stop_requested)))).numpy()
             step += steps
             if not math.isfinite(sums[0]):
                 raise UserError(f"training loss became {sums[0]} by step {step} (epoch "
@@ -229,10 +304,10 @@ class Trainer:
             if step < epoch_end and (stop or itstime(step, self.config.checkpoint_every_steps)):
                 self._save()
             if stop and step < epoch_end:
-                raise Preempted(step)
+                raise Preempted(step, self._stop_requested or signal.SIGTERM)
         self._end_epoch(phase, epoch, evaluate, began)
         if stop:
-            raise Preempted(step)
+            raise Preempted(step, self._stop_requested or signal.SIGTERM)
 
     def _chunk(self, step, epoch_end):
         """Steps to run in the next call: up to steps_per_execution, never past the end of the
@@ -261,16 +336,30 @@ class Trainer:
         self._log_epoch(record)
 
     @contextlib.contextmanager
-    def _stop_on_sigterm(self):
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+    def _stop_on_signals(self):
+        """SIGTERM and a first Ctrl-C stop training at the next step, checkpointed; a second
+        Ctrl-C stops at once (KeyboardInterrupt). Another worker's signal (stop > 0 from the
+        all-reduce) reads as SIGTERM here."""
+        previous = {signum: signal.signal(signum, self._request_stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _request_stop(self, signum, frame):
-        del signum, frame
-        self._stop_requested = True
+        del frame
+        self._stop_requested = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_between_batches(self):
+        """Stops a long pass before training (caching features, decoding once) as soon as a
+        signal asks; on one worker only, since the others would wait for it."""
+        if self._stop_requested and not self._multiworker:
+            self._save()
+            raise Preempted(int(self.step.numpy()), self._stop_requested)
 
     def _log_epoch(self, record):
         print(f"epoch {record['epoch']}/{self.schedule.fine_tune.end_epoch} [{record['phase']}] "
@@ -325,13 +414,17 @@ class Trainer:
             array, split.labels, order, weights, batch, context))
 
     def _cache_features(self):
-        """Pooled backbone features of the train and validation splits: one backbone pass."""
+        """Pooled backbone features of the train and validation splits: one backbone pass,
+        kept for the rest of phase 1 (the backbone does not change in it)."""
+        if self._features is not None:
+            return self._features
         began = time.time()
         features = [self._extract_features(split)
                     for split in (self.source.train, self.source.validation)]
         print(f"cached backbone features of {len(self.source.train)} train and "
               f"{len(self.source.validation)} validation images in {time.time() - began:.1f}s: "
               "phase head trains the head on them (--cache_features)", flush=True)
+        self._features = features
         return features
 
     def _extract_features(self, split):
@@ -370,6 +463,7 @@ class Trainer:
 
         result = self._allocate((len(split), *shape))
         for step in range(len(order) // batch):
+            self._stop_between_batches()
             # Padding rows repeat the first examples and write the same values again.
             result[order[step * batch:(step + 1) * batch]] = compute(iterator).numpy()
         return result
@@ -474,6 +568,20 @@ class Trainer:
             logits = self._outputs(lambda images: inference(images, training=False),
                                    inference.output_shape[1:], self.source.validation)
         return tf.nn.softmax(logits).numpy()
+
+
+def _checkpoints(directory):
+    """Prefixes of the checkpoints in directory, newest first: those the state file lists and
+    those with files, so that one missing a file is still seen (and found damaged)."""
+    names = set()
+    state = tf.train.get_checkpoint_state(directory)
+    for path in state.all_model_checkpoint_paths if state else ():
+        names.add(os.path.basename(path))
+    for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
+        names.add(os.path.basename(path).split(".")[0])
+    numbers = sorted(int(name[len("ckpt-"):]) for name in names
+                     if name[len("ckpt-"):].isdigit())
+    return [os.path.join(directory, f"ckpt-{number}") for number in reversed(numbers)]
 
 
 def _sums(labels, logits, per_example, weights):

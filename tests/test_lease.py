@@ -1,0 +1,69 @@
+"""One job at a time in a --model_dir (local here; gs:// in test_gcs)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import lease
+from trainer.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(lease, "STALE_SECONDS", 3)
+
+
+def _write(path, **holder):
+    content = {"token": "theirs", "host": socket.gethostname(), "pid": os.getpid(),
+               "heartbeat": time.time(), "started": "then", **holder}
+    path.write_text(json.dumps(content))
+
+
+def test_a_second_job_is_refused_while_the_first_renews_its_lease(tmp_path):
+    with lease.held(str(tmp_path)):
+        began = time.time()
+        with pytest.raises(UserError, match=rf"another job is training in this --model_dir: "
+                                            rf"{socket.gethostname()} pid {os.getpid()}, started"):
+            with lease.held(str(tmp_path)):
+                pass
+        assert time.time() - began < 2  # refused at the first renewal it saw
+    assert not (tmp_path / ".lease").exists()  # released
+
+
+def test_the_lease_of_a_killed_job_on_this_host_is_taken_over_at_once(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    _write(tmp_path / ".lease", pid=int(gone))
+    began = time.time()
+    with lease.held(str(tmp_path)):
+        holder = json.loads((tmp_path / ".lease").read_text())
+        assert holder["pid"] == os.getpid() and holder["token"] != "theirs"
+    assert time.time() - began < 1
+
+
+def test_a_lease_not_renewed_is_taken_over_once_stale(tmp_path):
+    _write(tmp_path / ".lease", host="another-host", heartbeat=time.time() - 1)
+    began = time.time()
+    with lease.held(str(tmp_path)):
+        assert 1 < time.time() - began < 4  # waited for it to be renewed or go stale
+    assert not (tmp_path / ".lease").exists()
+
+
+def test_a_job_whose_lease_was_taken_over_cannot_renew_it(tmp_path):
+    store = lease._LocalStore(str(tmp_path / ".lease"))
+    assert store.create({"token": "mine", "heartbeat": time.time()})
+    _write(tmp_path / ".lease")  # another job took it over
+    assert not store.renew({"token": "mine", "heartbeat": time.time()})
+    store.delete()
+    assert json.loads((tmp_path / ".lease").read_text())["token"] == "theirs"
+
+
+def test_workers_other_than_the_chief_take_no_lease(tmp_path):
+    with lease.held(str(tmp_path), chief=False):
+        assert not (tmp_path / ".lease").exists()
