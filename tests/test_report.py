@@ -78,10 +78,10 @@ def test_tflite_export_agrees_with_the_saved_model(tmp_path):
 
 def test_predict_names_the_signature_a_foreign_saved_model_lacks(tmp_path):
     import keras
-    inputs = keras.Input((4,))
+    inputs = keras.Input((4,), name="features")
     keras.Model(inputs, keras.layers.Dense(2)(inputs)).export(str(tmp_path / "foreign"))
     image = images.save(str(tmp_path / "a.jpg"))
     process = run_module("trainer.predict", f"--model_dir={tmp_path / 'foreign'}", image)
     assert process.returncode == 2
     assert ("is not a trainer export: expected serving_default(image_bytes: string[batch]), "
-            "found keras_tensor: float32(None, 4)") in error_line(process)
+            "found features: float32(None, 4)") in error_line(process)
