@@ -2,9 +2,6 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034,SC2154  # variables shared with the scripts that source this
 
-DEFAULT_CPU_IMAGE="us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest"
-DEFAULT_GPU_IMAGE="us-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest"
-DEFAULT_TPU_IMAGE="us-docker.pkg.dev/vertex-ai/training/tf-tpu.2-17.py310:latest"
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -13,6 +10,7 @@ common_defaults() {
   preset="${PRESET:-}" project="${GOOGLE_CLOUD_PROJECT:-}" region="${REGION:-}" bucket="${BUCKET:-}"
   display_name="" package="" image_uri="${IMAGE_URI:-}" machine_type="${MACHINE_TYPE:-}"
   accelerator_type="${ACCELERATOR_TYPE:-}" accelerator_count="${ACCELERATOR_COUNT:-}"
+  executor_image_uri="" repository=trainer tag=""
   workers=2 tpu_topology="2x2" spec="" dry_run=false trainer_args=()
 }
 
@@ -26,6 +24,9 @@ common_option() {
     --display_name=*) display_name="${1#*=}" ;;
     --package=*) package="${1#*=}" ;;
     --image_uri=*) image_uri="${1#*=}" ;;
+    --executor_image_uri=*) executor_image_uri="${1#*=}" ;;
+    --repository=*) repository="${1#*=}" ;;
+    --tag=*) tag="${1#*=}" ;;
     --machine_type=*) machine_type="${1#*=}" ;;
     --accelerator_type=*) accelerator_type="${1#*=}" ;;
     --accelerator_count=*) accelerator_count="${1#*=}" ;;
@@ -61,6 +62,19 @@ package_version() {
   sed -n 's/^ *version="\([^"]*\)".*/\1/p' "$here/../setup.py"
 }
 
+# The tag build_image.sh gives an image by default: <version>-<git short hash>, so that the
+# scripts that submit jobs find the image built from this checkout.
+default_tag() {
+  local commit
+  commit="$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo nogit)"
+  echo "$(package_version)-$commit"
+}
+
+# R-docker.pkg.dev/P/REPOSITORY/trainer-ACCELERATOR:TAG
+registry_image() {
+  echo "$1-docker.pkg.dev/$2/$3/trainer-$4:$5"
+}
+
 require_basics() {
   case "$preset" in
     cpu|gpu|multiworker|tpu) ;;
@@ -73,23 +87,32 @@ require_basics() {
   bucket="${bucket%/}"
   [[ "$workers" =~ ^[0-9]+$ && "$workers" -ge 1 ]] || die "--workers must be a positive number"
   package="${package:-$bucket/packages/trainer-$(package_version).tar.gz}"
+  if [[ -n "$executor_image_uri" ]]; then
+    echo "warning: --executor_image_uri runs the trainer package in a prebuilt image; Google's" \
+      "prebuilt TensorFlow training images stop at TF 2.17 (and have none for TPU v5e):" \
+      "prefer our own, scripts/build_image.sh" >&2
+  fi
 }
 
 # Sets pools_yaml: the workerPoolSpecs entries for the preset, trainer flags as args.
 worker_pool_specs() {
   local preset="$1"; shift
-  local args=("$@") image machine accelerator="" count="${accelerator_count:-}" pool
+  local args=("$@") image machine accelerator="" count="${accelerator_count:-}" pool built=cpu
   case "$preset" in
-    cpu|multiworker) image="${image_uri:-$DEFAULT_CPU_IMAGE}"; machine="${machine_type:-n1-standard-8}" ;;
+    cpu|multiworker) machine="${machine_type:-n1-standard-8}" ;;
     gpu)
-      image="${image_uri:-$DEFAULT_GPU_IMAGE}"; machine="${machine_type:-n1-standard-8}"
+      built=gpu machine="${machine_type:-n1-standard-8}"
       accelerator="${accelerator_type:-NVIDIA_TESLA_T4}"; count="${count:-1}"
       [[ "$count" =~ ^[0-9]+$ && "$count" -ge 1 ]] || die "--accelerator_count must be 1 or more"
       args=("--strategy=gpu" "${args[@]+"${args[@]}"}") ;;
     tpu)
-      image="${image_uri:-$DEFAULT_TPU_IMAGE}"; machine="${machine_type:-ct5lp-hightpu-4t}"
+      built=tpu machine="${machine_type:-ct5lp-hightpu-4t}"
+      [[ "$machine" != ct6e-* ]] || die "--machine_type=$machine is TPU v6e, where Vertex AI" \
+        "does not support TensorFlow training: use TPU v5e (ct5lp-hightpu-1t, -4t or -8t)"
       args=("--strategy=tpu" "--tpu=local" "${args[@]+"${args[@]}"}") ;;
   esac
+  # Our image for the accelerator (scripts/build_image.sh, same default tag) unless named.
+  image="${image_uri:-$(registry_image "$region" "$project" "$repository" "$built" "${tag:-$(default_tag)}")}"
   local nl=$'\n' machine_yaml
   machine_yaml="  - machineSpec:${nl}      machineType: $(yaml_string "$machine")${nl}"
   if [[ -n "$accelerator" ]]; then
@@ -98,11 +121,16 @@ worker_pool_specs() {
   if [[ "$preset" == tpu ]]; then
     machine_yaml+="      tpuTopology: $(yaml_string "$tpu_topology")${nl}"
   fi
-  # Everything after replicaCount, the same in every pool.
-  pool="    pythonPackageSpec:${nl}"
-  pool+="      executorImageUri: $(yaml_string "$image")${nl}"
-  pool+="      packageUris: [$(yaml_string "$package")]${nl}"
-  pool+="      pythonModule: trainer.task${nl}      args:"
+  # Everything after replicaCount, the same in every pool: the image runs trainer.task.
+  if [[ -n "$executor_image_uri" ]]; then
+    pool="    pythonPackageSpec:${nl}"
+    pool+="      executorImageUri: $(yaml_string "$executor_image_uri")${nl}"
+    pool+="      packageUris: [$(yaml_string "$package")]${nl}"
+    pool+="      pythonModule: trainer.task${nl}      args:"
+  else
+    pool="    containerSpec:${nl}"
+    pool+="      imageUri: $(yaml_string "$image")${nl}      args:"
+  fi
   if [[ "${#args[@]}" -eq 0 ]]; then
     pool+=" []"
   fi
@@ -117,11 +145,14 @@ worker_pool_specs() {
   fi
 }
 
-# Runs the command, or with --dry-run prints it and then the spec path as the last line.
+# Runs the command, or with --dry-run prints it (and then the spec path, if there is one).
 run_or_print() {
   if [[ "$dry_run" == true ]]; then
     printf '%q ' "$@"
-    printf '\n%s\n' "$spec"
+    printf '\n'
+    if [[ -n "${spec:-}" ]]; then
+      printf '%s\n' "$spec"
+    fi
     return
   fi
   command -v gcloud >/dev/null || die "gcloud not found: install the Google Cloud CLI, or use --dry-run"

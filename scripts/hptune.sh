@@ -12,9 +12,12 @@ Writes a HyperparameterTuningJob YAML and runs
 trainer flags plus the tuned ones (--learning_rate, --fine_tune_at, --dropout by default);
 the trainer reports val_accuracy through cloudml-hypertune.
 
+Trials run our image for the preset, as submit_job.sh's jobs do (see its --help for the
+one-time setup and scripts/build_image.sh).
+
 Options: those of submit_job.sh (--preset --project --region --bucket --display_name
---package --image_uri --machine_type --accelerator_type --accelerator_count --workers
---tpu_topology --spec --dry-run), and:
+--image_uri --repository --tag --executor_image_uri --package --machine_type
+--accelerator_type --accelerator_count --workers --tpu_topology --spec --dry-run), and:
   --max_trials=N              trials in all (default 12)
   --parallel_trials=N         trials at once (default 3)
   --learning_rate=MIN,MAX     log scale (default 1e-5,1e-3)

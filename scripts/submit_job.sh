@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submits a Vertex AI custom job that runs `python -m trainer.task` from the trainer package.
+# Submits a Vertex AI custom job that runs `python -m trainer.task` in our training image.
 set -euo pipefail
 
 usage() {
@@ -7,9 +7,17 @@ usage() {
 Usage: scripts/submit_job.sh --preset=cpu|gpu|multiworker|tpu --project=P --region=R --bucket=gs://B
                              [options] [--dry-run] [-- trainer flags...]
 
-Writes a CustomJobSpec YAML and runs `gcloud ai custom-jobs create --config=<file>`.
+Writes a CustomJobSpec YAML and runs `gcloud ai custom-jobs create --config=<file>`. Every
+pool runs our image for the preset (containerSpec), built by scripts/build_image.sh:
+R-docker.pkg.dev/P/trainer/trainer-{cpu,gpu,tpu}:<version>-<git short hash>, the tag
+build_image.sh gives it from this checkout; the trainer flags are the container's args.
 The job's base output directory is gs://B/jobs/<display name>, so Vertex AI sets
 AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR beneath it.
+
+One-time setup: enable the APIs and create the image repository (see build_image.sh --help):
+  gcloud services enable artifactregistry.googleapis.com cloudbuild.googleapis.com aiplatform.googleapis.com
+  gcloud artifacts repositories create trainer --repository-format=docker --location=R
+then build the images: scripts/build_image.sh --accelerator=cpu|gpu|tpu --project=P --region=R
 
 Options (environment variable in brackets):
   --preset=NAME            cpu | gpu | multiworker | tpu                     [PRESET]
@@ -17,10 +25,16 @@ Options (environment variable in brackets):
   --region=R               Vertex AI region, e.g. us-central1              [REGION]
   --bucket=gs://B          staging and output bucket                       [BUCKET]
   --display_name=NAME      job name (default: trainer-<preset>-<UTC time>)
-  --package=gs://...tar.gz the trainer source distribution
+  --image_uri=URI          run this image instead of ours                   [IMAGE_URI]
+  --repository=NAME        Artifact Registry repository of our images (default trainer)
+  --tag=T                  tag of our images (default <version>-<git short hash>)
+  --executor_image_uri=URI run the trainer package (--package) in this prebuilt image
+                           (pythonPackageSpec) instead; Google's prebuilt TensorFlow
+                           training images stop at TF 2.17
+  --package=gs://...tar.gz with --executor_image_uri: the trainer source distribution
                            (default: gs://B/packages/trainer-<version>.tar.gz, from build_package.sh)
-  --image_uri=URI          prebuilt TensorFlow training container            [IMAGE_URI]
-  --machine_type=T         default: n1-standard-8 (tpu: ct5lp-hightpu-4t)  [MACHINE_TYPE]
+  --machine_type=T         default: n1-standard-8 (tpu: ct5lp-hightpu-4t, TPU v5e; TPU v6e
+                           cannot train TensorFlow on Vertex AI)               [MACHINE_TYPE]
   --accelerator_type=T     gpu default NVIDIA_TESLA_T4                     [ACCELERATOR_TYPE]
   --accelerator_count=N    GPUs per machine (gpu default 1)                [ACCELERATOR_COUNT]
   --workers=N              multiworker: workers besides the chief (default 2)

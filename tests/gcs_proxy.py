@@ -60,21 +60,23 @@ def read_body(stream, headers):
     return b""
 
 
-class Handler(socketserver.StreamRequestHandler):
+class Intercepting(socketserver.StreamRequestHandler):
+    """Takes CONNECT for the hosts allowed(host) accepts, terminates TLS with the server's
+    certificate, and answers each request inside with exchange(); opens no connection out."""
+
     def handle(self):
         head = read_head(self.rfile)
         if head is None:
             return
         method, target, _ = head[0].split(" ", 2)
         host = target.rsplit(":", 1)[0]
-        if method != "CONNECT" or host not in GOOGLE_HOSTS:
+        if method != "CONNECT" or not self.allowed(host):
             self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
             return
         self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.wfile.flush()
         secure = self.server.tls.wrap_socket(self.connection, server_side=True)
         reader, writer = secure.makefile("rb"), secure.makefile("wb")
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.emulator_port, timeout=60)
         while True:
             head = read_head(reader)
             if head is None:
@@ -82,12 +84,25 @@ class Handler(socketserver.StreamRequestHandler):
             method, path, _ = head[0].split(" ", 2)
             headers = head[1]
             body = read_body(reader, headers)
-            status, reply_headers, reply = self.forward(upstream, host, method, path, headers, body)
+            status, reply_headers, reply = self.exchange(host, method, path, headers, body)
             writer.write(f"HTTP/1.1 {status}\r\n".encode())
             for name, value in reply_headers:
                 writer.write(f"{name}: {value}\r\n".encode("latin-1"))
             writer.write(b"\r\n" + reply)
             writer.flush()
+
+
+class Handler(Intercepting):
+    upstream = None
+
+    def allowed(self, host):
+        return host in GOOGLE_HOSTS
+
+    def exchange(self, host, method, path, headers, body):
+        if self.upstream is None:  # one connection to the emulator per client connection
+            self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.emulator_port,
+                                                       timeout=60)
+        return self.forward(self.upstream, host, method, path, headers, body)
 
     def forward(self, upstream, host, method, path, headers, body):
         outage = self.server.outage()
@@ -125,10 +140,17 @@ class Handler(socketserver.StreamRequestHandler):
         return f"{response.status} {response.reason}", reply_headers, reply
 
 
-class Proxy(socketserver.ThreadingTCPServer):
+class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def __init__(self, port, handler, cert, key):
+        super().__init__(("127.0.0.1", int(port)), handler)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+
+
+class Proxy(Server):
     def outage(self):
         """The pattern of the requests failing now, or None."""
         try:
@@ -139,11 +161,9 @@ class Proxy(socketserver.ThreadingTCPServer):
 
 
 def main(port, emulator_port, cert, key, outage_file):
-    server = Proxy(("127.0.0.1", int(port)), Handler)
+    server = Proxy(port, Handler, cert, key)
     server.outage_file = outage_file
     server.emulator_port = int(emulator_port)
-    server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.tls.load_cert_chain(cert, key)
     print("ready", flush=True)
     server.serve_forever()
 

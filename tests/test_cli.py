@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, cli_env
+from trainer import config as config_lib
 
 
 def _imports(*args):
@@ -25,3 +27,18 @@ def test_help_and_flag_errors_answer_without_loading_tensorflow(args, code):
     assert process.returncode == code, process.stderr[-2000:]
     assert "absl.flags" in imported and "yaml" in imported
     assert not {"tensorflow", "keras", "numpy"} & imported
+
+
+@pytest.mark.parametrize("version, warned", [("2.17.1", True), ("2.20.0", False),
+                                             ("2.21.0rc1", False)])
+def test_the_job_names_its_tensorflow_and_warns_below_the_oldest_tested(
+        monkeypatch, caplog, capsys, version, warned):
+    import tensorflow as tf
+    from trainer import sources, task
+    monkeypatch.setattr(tf, "__version__", version)
+    source = sources.Source("d", ["a", "b"], sources.Split(np.array(["x", "y"]), np.array([0, 1])),
+                            sources.Split(np.array(["z"]), np.array([1])), "validation/", [])
+    run = task._Run(None, "cpu", True, source, None, None, "strategy cpu")
+    task._announce(config_lib.Config(data="d"), run)
+    assert capsys.readouterr().out.startswith(f"TensorFlow {version}, Keras 3.")
+    assert ("older than 2.20, the oldest this trainer is tested with" in caplog.text) is warned

@@ -31,6 +31,7 @@ def read_metrics(model_dir):
         return json.load(handle)
 
 
+@pytest.mark.compat
 def test_smoke_job_learns_and_writes_every_output(smoke):
     process, model_dir = smoke
     metrics = read_metrics(model_dir)
@@ -50,14 +51,16 @@ def test_smoke_job_learns_and_writes_every_output(smoke):
     for split in ("train", "validation"):
         assert glob.glob(os.path.join(model_dir, "logs", split, "events.out.tfevents.*"))
     assert "validation accuracy" in process.stdout.splitlines()[-1]
+    assert re.search(r"^TensorFlow 2\.\d+\.\d+\S*, Keras 3\.", process.stdout, re.M)
+    assert "older than" not in process.stderr
     # What keeps the default job quick: one backbone pass for phase 1, one decode for phase 2.
     assert metrics["cached_features"] and "decoded 450 images once" in process.stdout
 
 
 def test_a_normal_run_shows_only_the_jobs_own_lines(smoke):
     process, _ = smoke
-    ours = ("data ", "strategy ", "cached backbone features", "decoded ", "epoch ",
-            "validation accuracy")
+    ours = ("TensorFlow ", "data ", "strategy ", "cached backbone features", "decoded ",
+            "epoch ", "validation accuracy")
     assert [line for line in process.stdout.splitlines() if not line.startswith(ours)] == []
     assert process.stderr == ""
 

@@ -3,6 +3,7 @@ trainer's cloud conventions (AIP_* directories on gs://, hyperparameter tuning r
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from google.cloud import aiplatform_v1
 
 from tests import images
 from tests.conftest import REPO, cli_env, run_module
+from tests.gcs import free_port, write_certificates
 
 SCRIPTS = os.path.join(REPO, "scripts")
 BASE = ["--project=my-project", "--region=us-central1", "--bucket=gs://my bucket"]
@@ -58,13 +60,13 @@ def test_submit_job_spec_parses_as_a_custom_job_spec(preset, pools, machine, acc
                            "--accelerator_count=2", "--workers=3", "--", *trainer_flags)
     job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
     assert [pool.replica_count for pool in job.worker_pool_specs] == pools
+    image = "gpu" if preset == "gpu" else "tpu" if preset == "tpu" else "cpu"
     for pool in job.worker_pool_specs:
-        assert pool.python_package_spec.python_module == "trainer.task"
-        assert list(pool.python_package_spec.args) == extra_args + trainer_flags
-        assert list(pool.python_package_spec.package_uris) == [
-            "gs://my bucket/packages/trainer-0.1.0.tar.gz"]
-        assert pool.python_package_spec.executor_image_uri.startswith(
-            "us-docker.pkg.dev/vertex-ai/training/tf-")
+        # Our own image for the preset, tagged as build_image.sh tags it from this checkout.
+        assert re.fullmatch(rf"us-central1-docker\.pkg\.dev/my-project/trainer/trainer-{image}:"
+                            r"0\.1\.0-[0-9a-f]+", pool.container_spec.image_uri)
+        assert list(pool.container_spec.args) == extra_args + trainer_flags
+        assert not pool.python_package_spec.executor_image_uri
         assert pool.machine_spec.machine_type == machine
         if accelerator:
             assert (pool.machine_spec.accelerator_type.name,
@@ -79,13 +81,67 @@ def test_submit_job_spec_parses_as_a_custom_job_spec(preset, pools, machine, acc
     assert "--display-name=run\\ 1" in command and "--config=" in command
 
 
+def test_a_prebuilt_executor_image_runs_the_package_with_a_warning():
+    process = script("submit_job.sh", "--preset=cpu", *BASE, "--dry-run",
+                     "--executor_image_uri=us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest",
+                     "--", "--data=gs://b/photos")
+    assert process.returncode == 0, process.stderr
+    assert "prebuilt TensorFlow training images stop at TF 2.17" in process.stderr
+    with open(process.stdout.splitlines()[-1]) as handle:
+        job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(yaml.safe_load(handle)))
+    pool, = job.worker_pool_specs
+    assert pool.python_package_spec.python_module == "trainer.task"
+    assert list(pool.python_package_spec.package_uris) == [
+        "gs://my bucket/packages/trainer-0.1.0.tar.gz"]
+    assert list(pool.python_package_spec.args) == ["--data=gs://b/photos"]
+    assert not pool.container_spec.image_uri
+
+
+def test_tpu_v6e_is_refused_for_tensorflow():
+    process = script("submit_job.sh", "--preset=tpu", *BASE, "--machine_type=ct6e-standard-4t",
+                     "--dry-run")
+    assert process.returncode == 2
+    assert "TPU v6e, where Vertex AI does not support TensorFlow training" in process.stderr
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu", "tpu"])
+def test_build_image_on_cloud_build_prints_the_image_uri_last(accelerator):
+    process = script("build_image.sh", f"--accelerator={accelerator}", "--project=my-project",
+                     "--region=europe-west4", "--tag=v1", "--dry-run")
+    assert process.returncode == 0, process.stderr
+    command, uri = process.stdout.splitlines()[-2:]
+    assert uri == f"europe-west4-docker.pkg.dev/my-project/trainer/trainer-{accelerator}:v1"
+    assert command.startswith("gcloud builds submit --project=my-project "
+                              "--region=europe-west4 --config=")
+    config = yaml.safe_load(open(re.search(r"--config=(\S+)", command).group(1)))
+    step, = config["steps"]
+    assert step["args"] == ["build", "-f", "containers/Dockerfile", "--build-arg",
+                            f"ACCELERATOR={accelerator}", "-t", uri, "."]
+    assert config["images"] == [uri]
+
+
+def test_build_image_locally_and_its_errors():
+    process = script("build_image.sh", "--accelerator=cpu", "--project=p", "--region=r",
+                     "--local", "--base_image=debian-python:12", "--dry-run",
+                     env=cli_env(ENGINE="podman"))
+    assert process.returncode == 0, process.stderr
+    build, push, uri = process.stdout.splitlines()[-3:]
+    assert re.fullmatch(r"r-docker\.pkg\.dev/p/trainer/trainer-cpu:0\.1\.0-[0-9a-f]+", uri)
+    assert build.split()[:2] == ["podman", "build"] and f"-t {uri}" in build
+    assert "--build-arg BASE_IMAGE=debian-python:12" in build
+    assert push.strip() == f"podman push {uri}"
+    process = script("build_image.sh", "--accelerator=v6e", "--project=p", "--region=r")
+    assert process.returncode == 2 and "--accelerator=v6e is not one of cpu, gpu, tpu" in (
+        process.stderr)
+
+
 def test_trainer_flags_are_passed_as_they_are_to_every_pool():
     # Words the script itself uses in the spec's text must not be rewritten in the flags.
     flags = ["--data=gs://b/REPLICAS", "--model_dir=gs://b/replicaCount: 9"]
     _, spec = dry_run("submit_job.sh", "--preset=multiworker", *BASE, "--workers=4", "--", *flags)
     job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
     assert [pool.replica_count for pool in job.worker_pool_specs] == [1, 4]
-    assert [list(pool.python_package_spec.args) for pool in job.worker_pool_specs] == [flags] * 2
+    assert [list(pool.container_spec.args) for pool in job.worker_pool_specs] == [flags] * 2
 
 
 def test_hptune_spec_parses_as_a_hyperparameter_tuning_job():
@@ -102,7 +158,8 @@ def test_hptune_spec_parses_as_a_hyperparameter_tuning_job():
     assert parameters["fine_tune_at"].integer_value_spec.max_value == 140
     assert parameters["dropout"].double_value_spec.min_value == pytest.approx(0.2)
     pool, = job.trial_job_spec.worker_pool_specs
-    assert list(pool.python_package_spec.args) == ["--strategy=gpu", "--data=gs://b/photos"]
+    assert list(pool.container_spec.args) == ["--strategy=gpu", "--data=gs://b/photos"]
+    assert "/trainer/trainer-gpu:" in pool.container_spec.image_uri
     assert job.trial_job_spec.base_output_directory.output_uri_prefix == "gs://my bucket/jobs/tune"
 
 
@@ -121,8 +178,8 @@ def test_submit_job_argument_errors(args, message):
 
 
 def test_scripts_have_help():
-    for name in ("submit_job.sh", "hptune.sh", "build_package.sh", "local_run.sh",
-                 "prepare_data.sh"):
+    for name in ("submit_job.sh", "hptune.sh", "build_package.sh", "build_image.sh",
+                 "local_run.sh", "prepare_data.sh"):
         process = script(name, "--help")
         assert process.returncode == 0 and process.stdout.startswith("Usage:"), name
 
@@ -199,3 +256,98 @@ def test_scripts_pass_shellcheck():
     process = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True,
                              cwd=REPO)
     assert process.returncode == 0, process.stdout
+
+
+@pytest.fixture(scope="module")
+def google_apis(tmp_path_factory):
+    """The real gcloud, in a throwaway configuration, sending to the stand-in of
+    tests/google_apis.py on 127.0.0.1; yields (env, read_requests)."""
+    gcloud = shutil.which("gcloud", path="/usr/bin:/usr/local/bin:/usr/lib/google-cloud-sdk/bin")
+    if not gcloud:
+        pytest.skip("the Google Cloud CLI is not installed")
+    folder = tmp_path_factory.mktemp("google_apis")
+    certificates = write_certificates(str(folder), ("*.googleapis.com",))
+    port, record = free_port(), folder / "requests.jsonl"
+    stand_in = subprocess.Popen([sys.executable, "-m", "tests.google_apis", str(port),
+                                 certificates["cert"], certificates["key"], str(record)],
+                                cwd=REPO, stdout=subprocess.PIPE, text=True)
+    stand_in.stdout.readline()  # "ready"
+    (folder / "token").write_text("a-fake-access-token\n")
+    env = cli_env(
+        PATH=f"{os.path.dirname(gcloud)}:/usr/bin:/bin", CLOUDSDK_CONFIG=str(folder / "gcloud"),
+        CLOUDSDK_AUTH_ACCESS_TOKEN_FILE=str(folder / "token"),
+        CLOUDSDK_PROXY_TYPE="http", CLOUDSDK_PROXY_ADDRESS="127.0.0.1",
+        CLOUDSDK_PROXY_PORT=str(port), CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE=certificates["ca"],
+        CLOUDSDK_CORE_DISABLE_PROMPTS="1", CLOUDSDK_CORE_DISABLE_USAGE_REPORTING="true",
+        CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="true",
+        CLOUDSDK_CORE_CHECK_GCE_METADATA="false", NO_GCE_CHECK="true")
+
+    def requests():
+        lines = record.read_text().splitlines() if record.exists() else []
+        record.write_text("")
+        return [json.loads(line) for line in lines]
+
+    yield env, requests
+    stand_in.terminate()
+    stand_in.wait(timeout=10)
+
+
+def _real_gcloud(google_apis, name, *args):
+    env, requests = google_apis
+    requests()
+    process = script(name, *args, env=env)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    return process, requests()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, image, pools", [
+    ("cpu", "cpu", [1]), ("gpu", "gpu", [1]), ("multiworker", "cpu", [1, 2]), ("tpu", "tpu", [1])])
+def test_the_real_gcloud_creates_the_custom_job_we_meant(google_apis, preset, image, pools):
+    _, sent = _real_gcloud(google_apis, "submit_job.sh", f"--preset={preset}", *BASE,
+                           "--display_name=run 1", "--tag=v1", "--", "--data=gs://b/cats")
+    request, = sent
+    assert (request["method"], request["host"], request["path"]) == (
+        "POST", "us-central1-aiplatform.googleapis.com",
+        "/v1/projects/my-project/locations/us-central1/customJobs?alt=json")
+    job = aiplatform_v1.CustomJob.from_json(request["body"], ignore_unknown_fields=False)
+    assert job.display_name == "run 1"
+    assert [pool.replica_count for pool in job.job_spec.worker_pool_specs] == pools
+    for pool in job.job_spec.worker_pool_specs:
+        assert pool.container_spec.image_uri == (
+            f"us-central1-docker.pkg.dev/my-project/trainer/trainer-{image}:v1")
+        assert list(pool.container_spec.args)[-1] == "--data=gs://b/cats"
+    assert job.job_spec.base_output_directory.output_uri_prefix == "gs://my bucket/jobs/run 1"
+
+
+@pytest.mark.slow
+def test_the_real_gcloud_creates_the_tuning_job_we_meant(google_apis):
+    _, sent = _real_gcloud(google_apis, "hptune.sh", "--preset=gpu", *BASE, "--display_name=tune",
+                           "--tag=v1", "--max_trials=4", "--", "--data=gs://b/cats")
+    request, = sent
+    assert (request["method"], request["path"]) == (
+        "POST", "/v1/projects/my-project/locations/us-central1/hyperparameterTuningJobs?alt=json")
+    job = aiplatform_v1.HyperparameterTuningJob.from_json(request["body"],
+                                                          ignore_unknown_fields=False)
+    assert (job.display_name, job.max_trial_count) == ("tune", 4)
+    pool, = job.trial_job_spec.worker_pool_specs
+    assert pool.container_spec.image_uri.endswith("/trainer/trainer-gpu:v1")
+
+
+@pytest.mark.slow
+def test_the_real_gcloud_submits_the_image_build_we_meant(google_apis):
+    process, sent = _real_gcloud(google_apis, "build_image.sh", "--accelerator=tpu",
+                                 "--project=my-project", "--region=us-central1", "--tag=v1")
+    uri = "us-central1-docker.pkg.dev/my-project/trainer/trainer-tpu:v1"
+    assert process.stdout.splitlines()[-1] == uri
+    upload = next(r for r in sent if r["path"].startswith("/upload/storage/v1/b/"))
+    assert upload["path"].startswith("/upload/storage/v1/b/my-project_cloudbuild/o?")
+    build, = [r for r in sent if r["method"] == "POST" and r["host"] == "cloudbuild.googleapis.com"]
+    assert build["path"] == "/v1/projects/my-project/locations/us-central1/builds?alt=json"
+    body = json.loads(build["body"])
+    assert body["images"] == [uri]
+    step, = body["steps"]
+    assert step["name"] == "gcr.io/cloud-builders/docker"
+    assert step["args"] == ["build", "-f", "containers/Dockerfile", "--build-arg",
+                            "ACCELERATOR=tpu", "-t", uri, "."]
+    assert body["source"]["storageSource"]["bucket"] == "my-project_cloudbuild"

@@ -22,6 +22,10 @@ FLAGS = flags.FLAGS
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # so that --help lists them, not only --helpfull
 
+# The oldest TensorFlow the trainer is tested with (CI's compatibility pass): that of the TPU
+# image, tensorflow-tpu 2.20.
+OLDEST_TESTED_TENSORFLOW = (2, 20)
+
 # Exit status of a job stopped after checkpointing: by SIGTERM (a preemption; run it again),
 # or by Ctrl-C (the shell's 128 + SIGINT).
 STOPPED_EXIT_CODES = {"SIGTERM": 42, "SIGINT": 128 + signal.SIGINT}
@@ -105,7 +109,14 @@ def _set_up(config):
 
 
 def _announce(config, run):
+    import keras
+    import tensorflow as tf
     from trainer import sources
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}", flush=True)
+    if tuple(int(part) for part in tf.__version__.split(".")[:2]) < OLDEST_TESTED_TENSORFLOW:
+        logging.warning("TensorFlow %s is older than %s, the oldest this trainer is tested with: "
+                        "if something fails, try a newer one (our images pin theirs)",
+                        tf.__version__, ".".join(map(str, OLDEST_TESTED_TENSORFLOW)))
     print(sources.describe(run.source), flush=True)
     print(run.strategy_line, flush=True)
     imbalance = sources.imbalance(run.source.train, run.source.class_names)
