@@ -57,7 +57,7 @@ def main(argv):
     outputs.ensure_writable(layout)
     with errors.from_tensorflow(config.data, run.kind == "multiworker"), \
             lease.held(config.model_dir, run.chief):
-        if state == "overwrite":
+        if state == "overwrite" and run.chief:
             outputs.wipe(layout)
         with run.strategy.scope():
             classifier = model.build(config.backbone, config.base_weights, config.image_size,

@@ -22,21 +22,17 @@ import sys
 import tempfile
 import time
 
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import checkpoints
 from trainer import errors
 from trainer import files
 from trainer import model as model_lib
 from trainer import pipelines
 from trainer import sources
 from trainer.errors import UserError
-
-
-# At least two, so that when the newest cannot be read the one before it can be.
-KEEP_CHECKPOINTS = 2
 
 
 class Preempted(Exception):
@@ -138,17 +134,13 @@ class Trainer:
         self.optimizers = self._build_optimizers()
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.state = tf.Variable("{}", dtype=tf.string, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(
+        # Workers other than the chief save and export to a scratch folder they delete.
+        self.scratch = None if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+        self.checkpoints = checkpoints.Checkpoints(tf.train.Checkpoint(
             model=classifier.model, step=self.step, state=self.state,
             random_state=model_lib.random_state(classifier.model),
-            **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()})
-        self.checkpoint_dir = checkpoint_dir
-        self.chief = chief
-        # Every worker must take part in saving; only the chief's copy is kept.
-        self.scratch = None if chief else tempfile.mkdtemp(prefix="trainer-worker-")
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, checkpoint_dir if chief else self.scratch,
-            max_to_keep=KEEP_CHECKPOINTS)
+            **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()}),
+            checkpoint_dir, checkpoint_dir if chief else self.scratch)
         self.writers = None
         if chief:
             self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
@@ -182,52 +174,13 @@ class Trainer:
                 os.remove(path)
         self._feature_files = []
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints (see checkpoints.py) -----------------------------------------------------
 
     def restore(self):
-        """Restores the newest checkpoint that can be read; returns its step, or None when there
-        is none. Newer ones that cannot be read are set aside (renamed, never deleted) with a
-        warning; if none can be read, the job stops rather than start from zero."""
-        damaged = []
-        for prefix in _checkpoints(self.checkpoint_dir):
-            try:
-                self.checkpoint.restore(prefix).assert_existing_objects_matched()
-            except (AssertionError, ValueError) as error:  # another model or optimizer
-                raise UserError(f"checkpoint {prefix} does not fit this job "
-                                f"({errors.first_line(error)}); use another --model_dir or "
-                                "--overwrite") from None
-            except (tf.errors.OpError, IndexError) as error:  # IndexError: a file cut short
-                reason = (errors.op_reason(error) if isinstance(error, tf.errors.OpError)
-                          else errors.first_line(error))
-                logging.warning("checkpoint %s cannot be read (%s); trying the one before it",
-                                prefix, reason)
-                damaged.append(prefix)
-                continue
-            if damaged and self.chief:
-                self._set_aside(damaged)
-            return self._restored_step()
-        if damaged:
-            raise UserError(f"none of the {len(damaged)} checkpoint(s) in {self.checkpoint_dir} "
-                            "can be read (see the warnings above): move them away to start "
-                            "afresh, or use --overwrite")
-        return None
-
-    def _set_aside(self, prefixes):
-        """Renames damaged checkpoints' files to damaged-ckpt-N.*, out of the manager's sight,
-        so that they are neither restored nor counted among the checkpoints it keeps."""
-        for prefix in prefixes:
-            for path in tf.io.gfile.glob(f"{prefix}.*"):
-                folder, name = os.path.split(path)
-                tf.io.gfile.rename(path, os.path.join(folder, f"damaged-{name}"), overwrite=True)
-            logging.warning("moved the files of %s to damaged-%s.*", prefix,
-                            os.path.basename(prefix))
-        kept = _checkpoints(self.checkpoint_dir)
-        tf.compat.v1.train.update_checkpoint_state(self.checkpoint_dir, kept[0],
-                                                   all_model_checkpoint_paths=kept[::-1])
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.checkpoint_dir,
-                                                  max_to_keep=KEEP_CHECKPOINTS)
-
-    def _restored_step(self):
+        """Restores the newest checkpoint that can be read (see checkpoints.py); returns the
+        step it was taken at, or None when there is none."""
+        if not self.checkpoints.restore():
+            return None
         state = json.loads(self.state.numpy().decode())
         self.history = state.get("history", [])
         self._sums = state.get("sums", [0.0, 0.0, 0.0])
@@ -235,7 +188,7 @@ class Trainer:
 
     def _save(self):
         self.state.assign(json.dumps({"history": self.history, "sums": self._sums}))
-        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self.checkpoints.save(int(self.step.numpy()))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -568,20 +521,6 @@ class Trainer:
             logits = self._outputs(lambda images: inference(images, training=False),
                                    inference.output_shape[1:], self.source.validation)
         return tf.nn.softmax(logits).numpy()
-
-
-def _checkpoints(directory):
-    """Prefixes of the checkpoints in directory, newest first: those the state file lists and
-    those with files, so that one missing a file is still seen (and found damaged)."""
-    names = set()
-    state = tf.train.get_checkpoint_state(directory)
-    for path in state.all_model_checkpoint_paths if state else ():
-        names.add(os.path.basename(path))
-    for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
-        names.add(os.path.basename(path).split(".")[0])
-    numbers = sorted(int(name[len("ckpt-"):]) for name in names
-                     if name[len("ckpt-"):].isdigit())
-    return [os.path.join(directory, f"ckpt-{number}") for number in reversed(numbers)]
 
 
 def _sums(labels, logits, per_example, weights):
