@@ -60,7 +60,8 @@ def test_smoke_job_learns_and_writes_every_output(smoke):
 def test_a_normal_run_shows_only_the_jobs_own_lines(smoke):
     process, _ = smoke
     ours = ("TensorFlow ", "data ", "strategy ", "cached backbone features", "decoded ",
-            "epoch ", "validation accuracy")
+            "epoch ", "predicting the 90 validation images", "exporting the SavedModel to ",
+            "writing report.png", "validation accuracy")
     assert [line for line in process.stdout.splitlines() if not line.startswith(ours)] == []
     assert process.stderr == ""
 

@@ -1,6 +1,7 @@
 """The training loop in this process, on tiny data: fast enough for every change."""
 
 import glob
+import re
 import os
 import signal
 import tempfile
@@ -220,3 +221,31 @@ def test_no_readable_checkpoint_stops_instead_of_starting_again(tmp_path):
     with tiny_trainer(tmp_path) as again:
         with pytest.raises(UserError, match=r"none of the 2 checkpoint\(s\) in .* can be read"):
             again.restore()
+
+
+def _scalars(folder):
+    """{tag: [(step, value)]} of the TensorBoard event files in folder."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                found.setdefault(value.tag, []).append((event.step, number))
+    return found
+
+
+def test_the_epoch_line_and_tensorboard_show_training_apart_from_validation(tmp_path, capsys):
+    with tiny_trainer(tmp_path, batch_size=4, log_every_steps=1) as trainer:
+        trainer.fit(trainer.schedule.head)
+        history = trainer.fit(trainer.schedule.fine_tune)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.search(r"^epoch 2/2 \[fine_tune\] .* train \d+\.\d+s \d+ images/s, validation "
+                     r"\d+\.\d+s$", line), line
+    assert all(row["val_seconds"] >= 0 and row["images_per_second"] > 0 for row in history)
+    train = _scalars(str(tmp_path / "logs" / "train"))
+    assert [step for step, _ in train["step_loss"]] == [1, 2, 3, 4]  # 2 steps an epoch
+    assert train["learning_rate"] == [(1, pytest.approx(1e-2)), (2, pytest.approx(1e-2))]
+    assert [step for step, _ in train["images_per_second"]] == [1, 2]
+    assert [step for step, _ in _scalars(str(tmp_path / "logs" / "validation"))["epoch_loss"]] == [
+        1, 2]

@@ -86,6 +86,8 @@ class Config:
                                  "probabilities out) for on-device use.")
     checkpoint_every_steps: int = _field(0, "Also checkpoint every N training steps "
                                          "(0: at the end of each epoch only).")
+    log_every_steps: int = _field(10, "Write the training loss to TensorBoard every N steps "
+                                  "(0: per epoch only).")
     mixed_precision: str = _field("auto", "auto: bfloat16 on TPU, float16 with loss scaling on "
                                   "GPU, off on CPU.", PRECISIONS)
     steps_per_execution: int = _field(0, "Training steps per call into the accelerator "
@@ -105,7 +107,7 @@ class Config:
             if getattr(self, name) <= 0:
                 found.append((name, "must be positive"))
         for name in ("epochs", "fine_tune_epochs", "checkpoint_every_steps", "steps_per_execution",
-                     "storage_retry_seconds"):
+                     "storage_retry_seconds", "log_every_steps"):
             if getattr(self, name) < 0:
                 found.append((name, "must be 0 or more"))
         if self.epochs + self.fine_tune_epochs == 0:
@@ -152,6 +154,7 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
 
 # Flags that may change between runs in one model_dir without making it a different run.
 RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "tfds_download", "checkpoint_every_steps",
+                   "log_every_steps",
                    "cache_features", "memory_budget_mb", "deterministic", "steps_per_execution",
                    "jit_compile", "export_tflite", "storage_retry_seconds")
 

@@ -165,9 +165,13 @@ def _evaluate_and_export(trainer, config, layout, chief):
     only the chief's results are kept."""
     from trainer import export, report
     classifier, source = trainer.classifier, trainer.source
+    print(f"predicting the {len(source.validation)} validation images for the report",
+          flush=True)
     evaluation = report.evaluation_metrics(trainer.predict_validation(),
                                            source.validation.labels, source.validation.paths,
                                            source.class_names)
+    if chief:
+        print(f"exporting the SavedModel to {layout.export_dir}", flush=True)
     export.export(classifier.inference, source.class_names, config.image_size,
                   layout.export_dir if chief else os.path.join(trainer.scratch, "export"))
     return evaluation
@@ -177,6 +181,7 @@ def _write_report(trainer, evaluation, config, layout, resumed_step, began):
     """The chief's outputs besides the export: model.tflite, report.png, metrics.json, the
     tuning metric, and the closing line."""
     from trainer import export, outputs, report
+    print("writing report.png and metrics.json", flush=True)
     if config.export_tflite:
         export.export_tflite(trainer.classifier.inference, config.image_size,
                              layout.path("model.tflite"))

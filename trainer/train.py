@@ -240,6 +240,7 @@ class Trainer:
         epoch_end = (epoch + 1) * steps_per_epoch
         progress = _progress_bar(steps_per_epoch)
         step, stop = int(self.step.numpy()), False
+        count_before = self._sums[2]  # images of this epoch trained before a resume
         while step < epoch_end:
             steps = self._chunk(step, epoch_end)
             *sums, stops = train_steps(iterator, tf.constant(steps),
@@ -252,13 +253,17 @@ class Trainer:
             self._sums = [total + float(value) for total, value in zip(self._sums, sums)]
             self.step.assign(step)
             stop = stops > 0
+            if self.writers and itstime(step, self.config.log_every_steps):
+                with self.writers["train"].as_default(step=step):
+                    tf.summary.scalar("step_loss", sums[0] / sums[2])
             if progress:
                 progress.update(step - epoch * steps_per_epoch, self._running_metrics())
             if step < epoch_end and (stop or itstime(step, self.config.checkpoint_every_steps)):
                 self._save()
             if stop and step < epoch_end:
                 raise Preempted(step, self._stop_requested or signal.SIGTERM)
-        self._end_epoch(phase, epoch, evaluate, began)
+        self._end_epoch(phase, epoch, evaluate, time.time() - began,
+                        self._sums[2] - count_before)
         if stop:
             raise Preempted(step, self._stop_requested or signal.SIGTERM)
 
@@ -275,14 +280,18 @@ class Trainer:
         loss, correct, count = self._sums
         return [("loss", loss / count), ("accuracy", correct / count)]
 
-    def _end_epoch(self, phase, epoch, evaluate, began):
+    def _end_epoch(self, phase, epoch, evaluate, seconds, trained):
+        """Validates, records and checkpoints an epoch. seconds: its training time in this
+        process, validation apart, in which `trained` images went through training."""
+        began = time.time()
         val_loss, val_accuracy = evaluate()
-        seconds = time.time() - began
         loss, correct, count = self._sums
         record = {"epoch": epoch + 1, "phase": phase.name, "loss": loss / count,
                   "accuracy": correct / count, "val_loss": val_loss,
                   "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
-                  "images_per_second": round(count / seconds, 1)}
+                  "images_per_second": round(trained / max(seconds, 1e-6), 1),
+                  "val_seconds": round(time.time() - began, 3),
+                  "learning_rate": phase.learning_rate}
         self.history.append(record)
         self._sums = [0.0, 0.0, 0.0]
         self._save()
@@ -318,12 +327,16 @@ class Trainer:
         print(f"epoch {record['epoch']}/{self.schedule.fine_tune.end_epoch} [{record['phase']}] "
               f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
               f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} "
-              f"{record['seconds']:.1f}s {record['images_per_second']:.0f} images/s", flush=True)
+              f"train {record['seconds']:.1f}s {record['images_per_second']:.0f} images/s, "
+              f"validation {record['val_seconds']:.1f}s", flush=True)
         if self.writers:
             for split, prefix in (("train", ""), ("validation", "val_")):
                 with self.writers[split].as_default(step=record["epoch"]):
                     tf.summary.scalar("epoch_loss", record[f"{prefix}loss"])
                     tf.summary.scalar("epoch_accuracy", record[f"{prefix}accuracy"])
+                    if split == "train":
+                        tf.summary.scalar("learning_rate", record["learning_rate"])
+                        tf.summary.scalar("images_per_second", record["images_per_second"])
                 self.writers[split].flush()
 
     # -- what a phase reads ------------------------------------------------------------------
