@@ -67,3 +67,15 @@ def test_a_job_whose_lease_was_taken_over_cannot_renew_it(tmp_path):
 def test_workers_other_than_the_chief_take_no_lease(tmp_path):
     with lease.held(str(tmp_path), chief=False):
         assert not (tmp_path / ".lease").exists()
+
+
+def test_a_gcs_lease_without_credentials_is_one_line(monkeypatch, tmp_path):
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no application-default login there
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # nothing answers: not on GCE
+    with pytest.raises(UserError, match="no Google Cloud credentials for the lease "
+                                        "gs://b/run/.lease .*gcloud auth application-default"):
+        with lease.held("gs://b/run"):
+            pass
