@@ -79,3 +79,11 @@ def test_a_gcs_lease_without_credentials_is_one_line(monkeypatch, tmp_path):
                                         "gs://b/run/.lease .*gcloud auth application-default"):
         with lease.held("gs://b/run"):
             pass
+
+
+def test_the_start_time_a_holder_shows_stays_that_of_its_start(tmp_path):
+    with lease.held(str(tmp_path)):
+        started = json.loads((tmp_path / ".lease").read_text())["started"]
+        time.sleep(1.5)  # several renewals, with a new heartbeat each
+        holder = json.loads((tmp_path / ".lease").read_text())
+        assert holder["started"] == started and time.time() - holder["heartbeat"] < 1

@@ -3,9 +3,9 @@ it renews every HEARTBEAT_SECONDS.
 
 A second job finds a live lease and refuses, naming the holder, once it sees it renewed. A
 lease not renewed for STALE_SECONDS, or one whose process on this host is gone, belongs to a
-job that was killed: its rerun takes it over. Taking over and renewing are atomic: on gs:// every write is
-conditional on the generation read before it (google-cloud-storage preconditions), locally
-the file is created with O_EXCL and a stale one renamed away first. A job that finds its lease
+job that was killed: its rerun takes it over. Taking over and renewing are atomic: on gs://
+every write is conditional on the generation read before it (google-cloud-storage
+preconditions); locally the file is created with O_EXCL and a stale one renamed away first. A job that finds its lease
 taken over stops as if preempted, so two jobs never go on writing the same run.
 """
 
@@ -54,13 +54,14 @@ class _Lease:
     def __init__(self, store):
         self.store = store
         self.token = uuid.uuid4().hex
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")  # kept through renewals
         self.stop = threading.Event()
         self.thread = None
 
     def _content(self):
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                 "vertex_job": os.environ.get("CLOUD_ML_JOB_ID"), "heartbeat": time.time(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                "started": self.started}
 
     def acquire(self):
         content = self._content()

@@ -73,8 +73,12 @@ def check(layout, config, overwrite):
 
 
 def _check_buckets(layout):
-    # Writes to a missing bucket fail only later, and TensorBoard's writer retries.
+    # Writes to a missing bucket fail only later, and TensorBoard's writer retries. One probe
+    # a bucket: the three folders are usually in the same one.
+    by_bucket = {}
     for path in (layout.model_dir, layout.checkpoint_dir, layout.log_dir):
+        by_bucket.setdefault(files.bucket_root(path), path)
+    for path in by_bucket.values():
         files.check_reachable(path)
 
 

@@ -235,8 +235,3 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
     dataset = stream.prefetch(4 * per_step).map(
         load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return dataset.prefetch(AUTOTUNE)
-
-
-def distribute(strategy, make_pipeline):
-    """A distributed dataset from make_pipeline(input_context), one pipeline per worker."""
-    return strategy.distribute_datasets_from_function(make_pipeline)

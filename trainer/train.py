@@ -364,20 +364,22 @@ class Trainer:
             train_images, validation_images = self._decoded
             return (self._arrays(train_images, train, order, ones),
                     self._evaluation(self.classifier.model, validation_images))
-        stream = pipelines.distribute(self.strategy, lambda context: pipelines.training_pipeline(
-            train, first_step, end_step, self.schedule.global_batch, self.config.image_size,
-            self.config.seed, context, self.config.deterministic))
+        stream = self.strategy.distribute_datasets_from_function(
+            lambda context: pipelines.training_pipeline(
+                train, first_step, end_step, self.schedule.global_batch, self.config.image_size,
+                self.config.seed, context, self.config.deterministic))
         return stream, self._evaluation(self.classifier.model)
 
     def _images(self, split, order, weights):
         batch, size = self.schedule.global_batch, self.config.image_size
-        return pipelines.distribute(self.strategy, lambda context: pipelines.pipeline(
-            split, order, weights, batch, size, context))
+        return self.strategy.distribute_datasets_from_function(
+            lambda context: pipelines.pipeline(split, order, weights, batch, size, context))
 
     def _arrays(self, array, split, order, weights):
         batch = self.schedule.global_batch
-        return pipelines.distribute(self.strategy, lambda context: pipelines.array_pipeline(
-            array, split.labels, order, weights, batch, context))
+        return self.strategy.distribute_datasets_from_function(
+            lambda context: pipelines.array_pipeline(array, split.labels, order, weights, batch,
+                                                     context))
 
     def _cache_features(self):
         """Pooled backbone features of the train and validation splits: one backbone pass,
