@@ -1,24 +1,30 @@
-"""Frozen-phase speed: the plain tutorial recipe against trainer.task, measured in one run.
+"""The whole two-phase recipe: the TF tutorial's against trainer.task, measured in one run.
 
-    python scripts/bench_train.py [--data=DIR] [--images=1000] [--epochs=10] [--image_size=224]
+    python scripts/bench_train.py [--data=DIR] [--images=900] [--epochs=10] [--image_size=160]
+                                  [--rounds=3] [--base_weights=FILE]
 
-1. the recipe as the TF tutorial writes it: image_dataset_from_directory, MobileNetV2
-   without top, frozen, GAP + Dropout + Dense, model.fit;
-2. python -m trainer.task --cache_features=off;
-3. python -m trainer.task --cache_features=auto.
-Same folder, backbone weights, image size, batch size, epochs and seed; phase 1 only. Each
-runs in its own process, timed from the outside (whole process) and inside (the frozen
-phase). Also: the input pipeline's overhead, step time on files / on the same tensors in memory.
+1. the recipe as the TF transfer-learning tutorial writes it: image_dataset_from_directory,
+   MobileNetV2 without top, frozen, GAP + Dropout + Dense, model.fit at 1e-4 (Adam); then
+   layers 100 and up unfrozen, model.fit on at 1e-5 (RMSprop), as the tutorial does;
+2. python -m trainer.task --cache_features=off: both phases read images;
+3. python -m trainer.task with the defaults: both phases on what one backbone pass cached.
+Same folder (photo-like JPEGs of 500x375, two classes, 2:1 train/validation as in
+cats_and_dogs_filtered), backbone weights, image size, batch size, epochs, learning rates and
+seed; no augmentation. Each run is a process of its own, timed from the outside (the whole
+process) and inside (each phase), with its peak resident memory. The runs take turns, round
+after round, and the table gives medians: a busy neighbour then slows a round rather than
+one side of a ratio.
 
 Without --base_weights the backbone is MobileNetV2 with random weights whose BatchNorm
 statistics are estimated on the training images (a random network with identity statistics
-passes on nothing, features ~1e-12): not ImageNet, but the same computation, and a head
-can learn from its features. With --base_weights=FILE every run uses that file.
+passes on nothing, features ~1e-9): not ImageNet, but the same computation, and a head can
+learn from its features. With --base_weights=FILE every run uses that file.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +34,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-PLAIN_RECIPE = textwrap.dedent("""
+TUTORIAL_RECIPE = textwrap.dedent("""
     import json, sys, time
     import tensorflow as tf
     data, size, batch, epochs, weights, seed = sys.argv[1:7]
@@ -50,27 +56,24 @@ PLAIN_RECIPE = textwrap.dedent("""
     x = tf.keras.layers.Dropout(0.2)(x)
     outputs = tf.keras.layers.Dense(2)(x)
     model = tf.keras.Model(inputs, outputs)
-    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-4),
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     began = time.time()
     history = model.fit(train, epochs=epochs, validation_data=validation, verbose=0)
-    print(json.dumps({"frozen_seconds": time.time() - began,
+    frozen = time.time() - began
+    base.trainable = True
+    for layer in base.layers[:100]:
+        layer.trainable = False
+    model.compile(optimizer=tf.keras.optimizers.RMSprop(1e-5),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    began = time.time()
+    history = model.fit(train, epochs=2 * epochs, initial_epoch=epochs,
+                        validation_data=validation, verbose=0)
+    print(json.dumps({"head": frozen, "fine_tune": time.time() - began,
                       "val_accuracy": history.history["val_accuracy"][-1]}))
 """)
-
-
-ROUNDS = 7  # of the input-pipeline overhead measurement
-
-
-def make_folder(root, images):
-    from trainer import demo
-    per_class = images // 2
-    # Photo-sized (500x375 like cats_and_dogs_filtered) JPEGs at quality 90, 80/20 split.
-    demo.write(root, train_per_class=per_class * 4 // 5, validation_per_class=per_class // 5,
-               size=(500, 375), classes=demo.CLASSES[:2], photos=True)
-    return root
-
 
 CALIBRATE = textwrap.dedent("""
     import os, sys
@@ -89,143 +92,103 @@ CALIBRATE = textwrap.dedent("""
 """)
 
 
-def calibrated_weights(data, size, path):
-    """MobileNetV2 random weights with BatchNorm statistics estimated on 64 training images
-    (in a process of its own, so that this one stays small while the runs are timed)."""
-    timed([sys.executable, "-c", CALIBRATE, data, str(size), path])
-    return path
+def make_folder(root, images):
+    from trainer import demo
+    per_class = images // 2
+    demo.write(root, train_per_class=per_class * 2 // 3, validation_per_class=per_class // 3,
+               size=(500, 375), classes=demo.CLASSES[:2], photos=True)
+    return root
 
 
 def timed(command):
-    began = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    if result.returncode:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return time.time() - began, result.stdout
+    """(wall seconds, stdout, peak resident MB) of a process."""
+    with tempfile.TemporaryFile("w+") as output, tempfile.TemporaryFile("w+") as errors:
+        began = time.time()
+        process = subprocess.Popen(command, stdout=output, stderr=errors, cwd=REPO,
+                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.time() - began
+        output.seek(0)
+        errors.seek(0)
+        if status:
+            sys.exit(f"failed: {' '.join(command)}\n{errors.read()[-3000:]}")
+        return seconds, output.read(), usage.ru_maxrss / 1024
+
+
+def run_tutorial(data, weights, args):
+    seconds, out, peak = timed([sys.executable, "-c", TUTORIAL_RECIPE, data,
+                                str(args.image_size), str(args.batch_size), str(args.epochs),
+                                weights, "0"])
+    return dict(json.loads(out.splitlines()[-1]), process=seconds, peak_mb=peak,
+                cache_kb=0.0)
 
 
 def run_trainer(data, weights, args, cache, workdir):
     model_dir = os.path.join(workdir, f"run_{cache}")
-    seconds, _ = timed([sys.executable, "-m", "trainer.task", f"--data={data}",
-                        f"--model_dir={model_dir}", "--backbone=mobilenet_v2",
-                        f"--base_weights={weights}", f"--image_size={args.image_size}",
-                        f"--batch_size={args.batch_size}", f"--epochs={args.epochs}",
-                        "--fine_tune_epochs=0", "--learning_rate=1e-3", "--seed=0",
-                        "--strategy=cpu", f"--cache_features={cache}"])
+    seconds, _, peak = timed([
+        sys.executable, "-m", "trainer.task", f"--data={data}", f"--model_dir={model_dir}",
+        "--overwrite", "--backbone=mobilenet_v2", f"--base_weights={weights}",
+        f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
+        f"--epochs={args.epochs}", f"--fine_tune_epochs={args.epochs}", "--fine_tune_at=100",
+        "--learning_rate=1e-4", "--fine_tune_learning_rate=1e-5", "--seed=0",
+        "--strategy=cpu", f"--cache_features={cache}", "--export_tflite=false"])
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
-    return {"frozen_seconds": metrics["phase_seconds"]["head"],
-            "val_accuracy": metrics["val_accuracy"], "process_seconds": seconds,
+    return {**metrics["phase_seconds"], "val_accuracy": metrics["val_accuracy"],
+            "process": seconds, "peak_mb": peak,
+            "cache_kb": metrics["cache_bytes_per_image"] / 1024,
             "train_images": metrics["train_images"]}
 
 
-def pipeline_overhead(data, weights, args, steps=8, rounds=ROUNDS):
-    """Frozen training step time through an input pipeline / on the same tensors in memory:
-    the trainer's, which decodes images once when they fit --memory_budget_mb, and the
-    streaming one it falls back to, which decodes every epoch. The three are timed in turn,
-    `rounds` times, and each round gives a ratio: a busy neighbour then slows a whole round
-    rather than one side of a ratio. Returns the in-memory step time and, per pipeline, the
-    median, lowest and highest ratio."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    from trainer import pipelines
-    from trainer import sources
-    from trainer import model
-    folder = sources.scan(data, seed=0)
-    classifier = model.build("mobilenet_v2", weights, args.image_size, 2, 0.2)
-    model.set_phase(classifier, "head", 0)
-    optimizer = keras.optimizers.Adam(1e-3)
-    variables = classifier.model.trainable_variables
-
-    @tf.function
-    def train_step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = classifier.model(images, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
-    order = pipelines.train_order(len(folder.train), args.batch_size, 0, 0, steps + 2)
-    ones = np.ones(len(order), np.float32)
-    context = tf.distribute.InputContext()
-    streaming = pipelines.pipeline(folder.train, order, ones, args.batch_size, args.image_size,
-                                   context)
-    eval_order, eval_weights = pipelines.evaluation_order(len(folder.train), args.batch_size)
-    decoded = np.zeros((len(folder.train), args.image_size, args.image_size, 3), np.float32)
-    for step, (images, _, _) in enumerate(pipelines.pipeline(
-            folder.train, eval_order, eval_weights, args.batch_size, args.image_size, context)):
-        decoded[eval_order[step * args.batch_size:(step + 1) * args.batch_size]] = images
-    from_memory = pipelines.array_pipeline(decoded, folder.train.labels, order, ones,
-                                           args.batch_size, context)
-    batches = [(images, labels) for images, labels, _ in streaming]
-    for images, labels in batches[:2]:  # trace and warm up
-        train_step(images, labels).numpy()
-
-    def time_steps(source):
-        began = time.time()
-        for images, labels in source:
-            loss = train_step(images, labels)
-        loss.numpy()
-        return (time.time() - began) / steps
-
-    def time_pipeline(dataset):
-        iterator = iter(dataset)
-        for _ in range(2):  # let the pipeline start and fill its prefetch buffer
-            next(iterator)
-        return time_steps((images, labels) for images, labels, _ in iterator)
-
-    in_memory, ratios = [], {"decoded_once": [], "streaming": []}
-    for _ in range(rounds):
-        in_memory.append(time_steps(batches[2:]))
-        for name, dataset in (("decoded_once", from_memory), ("streaming", streaming)):
-            ratios[name].append(time_pipeline(dataset) / in_memory[-1])
-    return float(np.median(in_memory)), {
-        name: (float(np.median(values)), min(values), max(values))
-        for name, values in ratios.items()}
+def median_row(rows):
+    return {key: statistics.median(row[key] for row in rows)
+            for key in ("head", "fine_tune", "process", "val_accuracy", "peak_mb", "cache_kb")}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="image folder (default: generate one)")
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=900)
+    parser.add_argument("--epochs", type=int, default=10, help="of each phase")
+    parser.add_argument("--image_size", type=int, default=160)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base_weights", default=None)
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="bench-train-")
     data = args.data or make_folder(os.path.join(workdir, "data"), args.images)
-    weights = args.base_weights or calibrated_weights(
-        data, args.image_size, os.path.join(workdir, "mobilenet_v2_bn.weights.h5"))
+    weights = args.base_weights or os.path.join(workdir, "mobilenet_v2_bn.weights.h5")
+    if not args.base_weights:  # in a process of its own, so that this one stays small
+        timed([sys.executable, "-c", CALIBRATE, data, str(args.image_size), weights])
 
-    seconds, out = timed([sys.executable, "-c", PLAIN_RECIPE, data, str(args.image_size),
-                          str(args.batch_size), str(args.epochs), weights, "0"])
-    plain = dict(json.loads(out.splitlines()[-1]), process_seconds=seconds)
-    uncached = run_trainer(data, weights, args, "off", workdir)
-    cached = run_trainer(data, weights, args, "auto", workdir)
-    images = uncached["train_images"] * args.epochs
+    runs = {"tutorial": [], "off": [], "auto": []}
+    for _ in range(args.rounds):
+        runs["tutorial"].append(run_tutorial(data, weights, args))
+        runs["off"].append(run_trainer(data, weights, args, "off", workdir))
+        runs["auto"].append(run_trainer(data, weights, args, "auto", workdir))
+    train_images = runs["off"][0]["train_images"]
+    rows = {name: median_row(values) for name, values in runs.items()}
+    base, off = rows["tutorial"], rows["off"]
 
-    print(f"{images // args.epochs} train images, {args.epochs} frozen epochs, MobileNetV2 at "
-          f"{args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs")
-    print(f"{'run':<34}{'frozen s':>9}{'images/s':>10}{'val acc':>9}{'process s':>11}"
-          f"{'frozen x':>10}{'process x':>11}")
-    for name, row in (("1 plain recipe (fit)", plain),
-                      ("2 trainer --cache_features=off", uncached),
-                      ("3 trainer --cache_features=auto", cached)):
-        print(f"{name:<34}{row['frozen_seconds']:>9.1f}{images / row['frozen_seconds']:>10.0f}"
-              f"{row['val_accuracy']:>9.3f}{row['process_seconds']:>11.1f}"
-              f"{plain['frozen_seconds'] / row['frozen_seconds']:>9.2f}x"
-              f"{plain['process_seconds'] / row['process_seconds']:>10.2f}x")
-    in_memory, ratios = pipeline_overhead(data, weights, args)
-    print(f"input pipeline overhead, step time / step time on the same tensors in memory "
-          f"({in_memory * 1000:.0f} ms), median (range) of {ROUNDS} rounds: "
-          + "; ".join(f"{label} {ratios[name][0]:.3f} ({ratios[name][1]:.3f}-{ratios[name][2]:.3f})"
-                      for name, label in (("decoded_once", "trainer (decoded once)"),
-                                          ("streaming", "streaming files"))))
+    print(f"{train_images} train images, {args.epochs} + {args.epochs} epochs, MobileNetV2 at "
+          f"{args.image_size} px, layers 100+ fine-tuned, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPUs; medians of {args.rounds} round(s)")
+    print(f"{'run':<32}{'head s':>8}{'tune s':>8}{'process s':>11}{'val acc':>9}"
+          f"{'peak MB':>9}{'cache KB/img':>14}{'whole x':>9}{'tune x':>8}{'tune x off':>12}")
+    for name, label in (("tutorial", "1 tutorial recipe (fit)"),
+                        ("off", "2 trainer --cache_features=off"),
+                        ("auto", "3 trainer (defaults)")):
+        row = rows[name]
+        print(f"{label:<32}{row['head']:>8.1f}{row['fine_tune']:>8.1f}{row['process']:>11.1f}"
+              f"{row['val_accuracy']:>9.3f}{row['peak_mb']:>9.0f}{row['cache_kb']:>14.1f}"
+              f"{base['process'] / row['process']:>8.2f}x"
+              f"{base['fine_tune'] / row['fine_tune']:>7.2f}x"
+              f"{off['fine_tune'] / row['fine_tune']:>11.2f}x")
+    print("head s / tune s: each phase's wall time inside the process (the trainer's include "
+          "its backbone pass and validation); whole x: tutorial process time / this one's; "
+          "tune x: phase-2 time ratio against the tutorial and against --cache_features=off")
+
 
 if __name__ == "__main__":
     main()

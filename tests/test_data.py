@@ -98,6 +98,13 @@ def test_train_order_resumes_mid_epoch_identically():
     assert np.array_equal(pipelines.train_order(10, 4, seed=3, start_step=4, end_step=9), whole[16:])
 
 
+def test_training_padding_has_weight_zero_so_each_image_counts_once_an_epoch():
+    # 10 examples, batch 4: 3 steps an epoch, the last with 2 of padding.
+    weights = pipelines.train_weights(10, 4, start_step=0, end_step=6)
+    assert list(weights) == ([1] * 10 + [0] * 2) * 2
+    assert list(pipelines.train_weights(10, 4, start_step=2, end_step=4)) == [1, 1, 0, 0] + [1] * 4
+
+
 def test_evaluation_order_pads_with_zero_weight():
     order, weights = pipelines.evaluation_order(10, 4)
     assert len(order) == 12 and list(order[:10]) == list(range(10))

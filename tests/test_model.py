@@ -109,3 +109,37 @@ def test_image_sizes_a_backbone_cannot_take_are_refused_up_front(name, size, mes
 
 def test_the_config_knows_every_backbone_by_name():
     assert config_lib.BACKBONES == tuple(model.BACKBONES)
+
+
+def test_the_cut_is_found_on_the_graph_and_moved_down_to_a_smaller_one():
+    classifier = model.build("mobilenet_v2", "none", 96, num_classes=2, dropout=0.0)
+    # Right below layer 100 two tensors cross: block 11's expanded 576 channels and its
+    # 96-channel input, which the residual add needs too. Two frozen layers lower, one does.
+    assert [tensor.shape[1:] for tensor in model._tensors_at(classifier.backbone, 100)] == [
+        (6, 6, 576), (6, 6, 96)]
+    cut = model.cut(classifier, 100)
+    assert (cut.layer, cut.shapes, cut.bytes_per_image(2)) == (98, [(6, 6, 96)], 6912)
+    # The bottom, then the top, compute what the whole model does.
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
+    pooled, at_cut = cut.both(images)
+    np.testing.assert_allclose(cut.top(at_cut).numpy(), classifier.model(images).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled.numpy(), classifier.features(images).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(cut.bottom(images).numpy(), at_cut.numpy())
+
+
+def test_a_cut_the_search_cannot_narrow_keeps_every_tensor_that_crosses_it():
+    classifier = model.build("mobilenet_v2", "none", 96, num_classes=2, dropout=0.0)
+    # Below layer 112, inside block 12, its 576 expanded channels and the 96 of the residual
+    # cross, and they do for as far down as the search goes.
+    cut = model.cut(classifier, 112)
+    assert (cut.layer, cut.shapes) == (112, [(6, 6, 576), (6, 6, 96)])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
+    np.testing.assert_allclose(cut.top(cut.bottom(images)).numpy(),
+                               classifier.model(images).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_no_cut_when_only_the_input_lies_below():
+    classifier = model.build("small_cnn", "none", 32, num_classes=2, dropout=0.0)
+    assert model.cut(classifier, 1) is None
+    assert model.cut(classifier, 2).layer == 2

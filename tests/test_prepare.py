@@ -121,9 +121,15 @@ def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
 def keys_read_by_two_pipelines(split, global_batch, deterministic):
     """The record keys each of two input pipelines reads in epoch 0 (also run on gs:// by
     test_gcs)."""
-    return [[int(key) for _, _, keys in pipelines.epoch_records(
+    return [[int(key) for _, _, keys, _ in pipelines.epoch_records(
         split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2), deterministic)
         for key in keys] for index in range(2)]
+
+
+def weight_read_by_two_pipelines(split, global_batch):
+    return sum(float(tf.reduce_sum(weights)) for index in range(2)
+               for _, _, _, weights in pipelines.epoch_records(
+                   split, 0, 7, global_batch, tf.distribute.InputContext(2, index, 2)))
 
 
 @pytest.mark.parametrize("min_shards", [4, 1])  # by file, then by record
@@ -141,6 +147,8 @@ def test_two_pipelines_read_every_record_exactly_once_per_epoch(tmp_path, min_sh
             seen = per_pipeline[0] + per_pipeline[1]
             assert set(seen) == set(range(len(split)))
             assert len(seen) == len(set(seen)) or global_batch == 6
+            # The padding has weight 0: the epoch weighs as many as the split has records.
+            assert weight_read_by_two_pipelines(split, global_batch) == len(split)
 
 
 def test_resumed_record_stream_continues_with_the_same_batches(prepared):

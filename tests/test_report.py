@@ -24,8 +24,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     for expected in ("strategy cpu", "1 replica(s); global batch 32, 32 per replica",
                      "circles         120          30", "total           360          90",
                      "unreadable    0 file(s)", "phase head      epochs 1-5",
-                     "60 steps, 387 trainable parameters; features cached",
+                     "60 steps, 387 trainable parameters\n    trains on pooled backbone "
+                     "features, cached in one backbone pass",
                      "phase fine_tune epochs 6-8", "backbone layers 10+ trainable",
+                     "trains on the activations entering backbone layer 10 (12x12x64, 18.0 KB an "
+                     "image as float16), cached in the same pass",
                      f"model_dir     {model_dir} (fresh)", f"checkpoints   {model_dir}/checkpoints"):
         assert expected in plan, (expected, plan)
     assert not model_dir.exists()

@@ -31,7 +31,8 @@ def tiny_trainer(tmp_path, **overrides):
     config = config_lib.Config(**{**values, **overrides})
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    classifier = model.build("small_cnn", "none", 16, 2, config.dropout, config.augmentations())
+    classifier = model.build(config.backbone, "none", config.image_size, 2, config.dropout,
+                             config.augmentations())
     schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
     execution = strategy_lib.execution("cpu", "off", 0, "off", schedule.steps_per_epoch)
     return train.Trainer(config, strategy, schedule, execution, classifier, source,
@@ -138,11 +139,12 @@ def test_leaving_the_trainer_on_an_error_removes_its_feature_files(tmp_path, mon
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(UserError, match="training loss became"):
-        # Phase 1's features go to a file (over the memory budget); phase 2 blows up.
+        # The cache goes to files (over the memory budget); phase 2 blows up.
         with tiny_trainer(tmp_path, memory_budget_mb=0, fine_tune_learning_rate=1e30,
                           fine_tune_epochs=3) as trainer:
             trainer.fit(trainer.schedule.head)
-            assert len(glob.glob(str(scratch / "trainer-*"))) == 2  # train, validation
+            # Features and activations at the cut of train and validation.
+            assert len(glob.glob(str(scratch / "trainer-*"))) == 4
             trainer.fit(trainer.schedule.fine_tune)
     assert not glob.glob(str(scratch / "trainer-*"))
 
@@ -249,3 +251,66 @@ def test_the_epoch_line_and_tensorboard_show_training_apart_from_validation(tmp_
     assert [step for step, _ in train["images_per_second"]] == [1, 2]
     assert [step for step, _ in _scalars(str(tmp_path / "logs" / "validation"))["epoch_loss"]] == [
         1, 2]
+
+
+def _run_both_phases(tmp_path, **settings):
+    """(history, every model weight, validation probabilities, the trainer) of a whole run."""
+    with tiny_trainer(tmp_path, **settings) as trainer:
+        trainer.fit(trainer.schedule.head)
+        trainer.fit(trainer.schedule.fine_tune)
+        return (trainer.history, [weight.numpy() for weight in trainer.classifier.model.weights],
+                trainer.predict_validation(), trainer)
+
+
+# Without pretrained weights MobileNetV2's activations are tiny (1e-9: its BatchNorm statistics
+# are the identity): float16 cannot hold them, so the activations stay float32 and the runs
+# agree as closely as float32 arithmetic allows. The others' are large enough for float16,
+# as a pretrained backbone's are: rounded to 2^-11 of their value, and the runs agree to
+# within that, grown over 4 Adam steps.
+@pytest.mark.parametrize("backbone, size, stored, tolerance", [
+    ("small_cnn", 16, "float16", 2e-3),
+    pytest.param("mobilenet_v2", 32, "float32", 1e-5, marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", 32, "float16", 2e-3, marks=pytest.mark.slow),
+    pytest.param("resnet50", 32, "float16", 2e-3, marks=pytest.mark.slow),
+])
+def test_both_cached_phases_train_like_the_whole_model(tmp_path, backbone, size, stored,
+                                                       tolerance):
+    settings = dict(backbone=backbone, image_size=size, fine_tune_at=None, batch_size=4,
+                    epochs=2, fine_tune_epochs=2, dropout=0.3, learning_rate=1e-3,
+                    fine_tune_learning_rate=1e-4)
+    whole = _run_both_phases(tmp_path / "whole", cache_features="off", **settings)
+    cached = _run_both_phases(tmp_path / "cached", **settings)
+    assert [name for name, inputs in cached[3].inputs.items() if inputs.cached] == [
+        "head", "fine_tune"]
+    assert {array.dtype.name for array in cached[3]._cache["fine_tune"][0]} == {stored}
+    for mine, theirs in zip(cached[0], whole[0]):
+        assert mine["phase"] == theirs["phase"]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key], rel=tolerance, abs=tolerance), key
+    for mine, theirs in zip(cached[1], whole[1]):
+        np.testing.assert_allclose(mine, theirs, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(cached[2], whole[2], rtol=tolerance, atol=tolerance)
+
+
+def test_float16_holds_activations_unless_they_overflow_or_underflow():
+    rng = np.random.default_rng(0)
+    assert train._fits_float16(rng.normal(0, 3, 1000).astype(np.float32))
+    assert train._fits_float16(np.zeros(10, np.float32))
+    assert not train._fits_float16(np.array([1.0, 7e4], np.float32))  # past 65504
+    assert not train._fits_float16(rng.normal(0, 1e-9, 1000).astype(np.float32))
+
+
+def test_a_run_resumed_in_phase_two_caches_the_activations_alone_and_trains_alike(tmp_path,
+                                                                                  capsys):
+    settings = dict(batch_size=4, epochs=1, fine_tune_epochs=2, dropout=0.5)
+    whole = _run_both_phases(tmp_path / "whole", **settings)
+    with tiny_trainer(tmp_path / "resumed", **settings) as first:
+        first.fit(first.schedule.head)
+    capsys.readouterr()
+    with tiny_trainer(tmp_path / "resumed", **settings) as resumed:
+        assert resumed.restore() == 2
+        resumed.fit(resumed.schedule.fine_tune)
+        assert "cached activations entering layer 7 of 8 train" in capsys.readouterr().out
+        assert [row["loss"] for row in resumed.history] == [row["loss"] for row in whole[0]]
+        for mine, theirs in zip(resumed.classifier.model.weights, whole[1]):
+            np.testing.assert_array_equal(mine.numpy(), theirs)

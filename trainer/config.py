@@ -64,11 +64,14 @@ class Config:
     seed: int = _field(42, "Seed for initialisation, the validation split and shuffling.")
     augment: str = _field("none", "Random augmentation during training: none, tutorial "
                           "(flip,rotate), or a comma list of " + ", ".join(AUGMENTATIONS) + ".")
-    cache_features: str = _field("auto", "Phase 1: compute the frozen backbone's features once "
-                                 "and train the head on them (auto: when no augmentation).",
+    cache_features: str = _field("auto", "Compute what the frozen layers output once, in one "
+                                 "backbone pass: phase 1 trains the head on the pooled "
+                                 "features, phase 2 the top on the activations below "
+                                 "--fine_tune_at (auto: when no augmentation).",
                                  SWITCHES)
-    memory_budget_mb: int = _field(2048, "Cached features larger than this go to a file in the "
-                                   "local temp dir instead of memory.")
+    memory_budget_mb: int = _field(2048, "Memory for what is computed once (cached features "
+                                   "and activations, decoded images); beyond it they go to "
+                                   "files in the local temp dir.")
     max_image_pixels: int = _field(50_000_000, "Images with more pixels than this are skipped "
                                    "and counted, never decoded (a 20000 x 20000 image decodes "
                                    "to over a GB).")
@@ -139,7 +142,7 @@ class Config:
                 "validation_split": self.tfds_validation_split, "download": self.tfds_download}
 
     def caches_features(self):
-        return self.cache_features != "off" and not self.augmentations() and self.epochs > 0
+        return self.cache_features != "off" and not self.augmentations()
 
     def to_yaml(self):
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -70,6 +70,7 @@ class Classifier:
     backbone: keras.Model
     features: keras.Model   # raw images -> pooled backbone features
     head: keras.Model       # pooled features -> logits
+    preprocess: keras.Model  # raw images -> what the backbone takes
 
 
 def lookup(name):
@@ -149,8 +150,8 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
     spec = lookup(backbone_name)
     backbone = build_backbone(backbone_name, base_weights, image_size)
     images = keras.Input((image_size, image_size, 3), name="images")
-    x = spec.preprocess(images)
-    x = backbone(x, training=False)
+    preprocessed = spec.preprocess(images)
+    x = backbone(preprocessed, training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     features = keras.Model(images, pooled, name="features")
 
@@ -165,7 +166,8 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
         augmented = AUGMENTATION_LAYERS[name]()(augmented)
     model = keras.Model(images, head(features(augmented)), name=f"{backbone_name}_classifier")
     inference = keras.Model(images, head(features(images)), name=f"{backbone_name}_inference")
-    return Classifier(model, inference, backbone, features, head)
+    return Classifier(model, inference, backbone, features, head,
+                      keras.Model(images, preprocessed, name="preprocess"))
 
 
 def random_state(model):
@@ -194,3 +196,88 @@ def set_phase(classifier, phase, fine_tune_at):
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
+
+
+# How far below --fine_tune_at a cut may move, taking frozen layers into the trainable top, to
+# find a smaller one: far enough to pass a block's last frozen convolution and BatchNorm (in
+# MobileNetV2 at 100 that turns 576 + 96 channels into the block input's 96), near enough that
+# the top recomputes little.
+CUT_SEARCH_LAYERS = 3
+
+
+@dataclasses.dataclass
+class Cut:
+    """The backbone split for phase 2: the frozen bottom runs once per image and its outputs,
+    the tensors at the cut, are cached; the top (the layers from `layer` up, the pooling and
+    the head) trains on them. The bottom is frozen and, like the whole backbone, runs in
+    inference mode, so its outputs for an image never change."""
+    layer: int            # the first backbone layer in the top
+    bottom: keras.Model   # raw images -> [tensors at the cut]
+    top: keras.Model      # [tensors at the cut] -> logits
+    both: keras.Model     # raw images -> [pooled features, *tensors at the cut]: both phases' pass
+
+    @property
+    def shapes(self):
+        return [tuple(tensor.shape[1:]) for tensor in self.top.inputs]
+
+    def bytes_per_image(self, itemsize):
+        return sum(int(np.prod(shape)) for shape in self.shapes) * itemsize
+
+
+def cut(classifier, fine_tune_at):
+    """The Cut for phase 2 at fine_tune_at, or None when nothing below it is worth caching (no
+    layer but the input). Found on the backbone's graph: the tensors that
+    frozen layers produce and trainable ones consume, the smallest such set (in values per
+    image) within CUT_SEARCH_LAYERS layers below fine_tune_at."""
+    backbone = classifier.backbone
+    candidates = []
+    for layer in range(fine_tune_at, max(fine_tune_at - CUT_SEARCH_LAYERS, 1) - 1, -1):
+        tensors = _tensors_at(backbone, layer)
+        if any(tensor is backbone.input for tensor in tensors):
+            break  # the cache would hold the preprocessed images: nothing saved
+        size = sum(int(np.prod(tensor.shape[1:])) for tensor in tensors)
+        candidates.append((size, -layer, tensors))
+    if not candidates:
+        return None
+    _, layer, tensors = min(candidates, key=lambda candidate: candidate[:2])
+    below = keras.Model(backbone.input, tensors)
+    above = keras.Model(tensors, backbone.output)
+    pool = classifier.features.get_layer("pool")
+    images = classifier.model.inputs[0]
+    at_cut = as_list(below(classifier.preprocess(images), training=False))
+    inputs = [keras.Input(tensor.shape[1:], name=f"cut_{index}")
+              for index, tensor in enumerate(tensors)]
+    # training=False as the backbone is wired in build(): its layers run in inference mode
+    # in training too (frozen BatchNorm, no drop-connect), in the top as in the whole model.
+    top = keras.Model(unlist(inputs),
+                      classifier.head(pool(above(unlist(inputs), training=False))), name="top")
+    both = keras.Model(images, [pool(above(unlist(at_cut), training=False)), *at_cut],
+                       name="both")
+    return Cut(-layer, keras.Model(images, at_cut, name="bottom"), top, both)
+
+
+def _tensors_at(backbone, layer):
+    """The tensors that layers below `layer` produce and layers from `layer` up consume (or
+    that are the backbone's output), in a fixed order."""
+    position = {id(operation): index for index, operation in enumerate(backbone.layers)}
+    found = []
+    nodes = [node for depth in sorted(backbone._nodes_by_depth, reverse=True)  # inputs first
+             for node in backbone._nodes_by_depth[depth]]
+    for node in nodes:
+        if position.get(id(node.operation), -1) < layer:
+            continue
+        for tensor in node.input_tensors:
+            producer = tensor._keras_history.operation
+            if position[id(producer)] < layer and not any(tensor is seen for seen in found):
+                found.append(tensor)
+    if position[id(backbone.output._keras_history.operation)] < layer:
+        found.append(backbone.output)
+    return found
+
+
+def as_list(outputs):
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def unlist(tensors):
+    return tensors[0] if len(tensors) == 1 else tensors

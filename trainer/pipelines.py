@@ -67,6 +67,14 @@ def train_order(num_examples, global_batch, seed, start_step, end_step):
     return order[(start_step - offset) * global_batch:(end_step - offset) * global_batch]
 
 
+def train_weights(num_examples, global_batch, start_step, end_step):
+    """Weights of the examples train_order gives: 1, and 0 for the padding that fills an
+    epoch's last batch, so that every image counts once an epoch in the loss and the metrics."""
+    padded = steps_per_epoch(num_examples, global_batch) * global_batch
+    positions = np.arange(start_step * global_batch, end_step * global_batch) % padded
+    return (positions < num_examples).astype(np.float32)
+
+
 def evaluation_order(num_examples, global_batch):
     """All indices once, padded to whole batches; the padding carries weight 0."""
     padded = steps_per_epoch(num_examples, global_batch) * global_batch
@@ -126,20 +134,25 @@ def pipeline(split, order, weights, global_batch, image_size, context, determini
     return dataset.prefetch(AUTOTUNE)
 
 
-def array_pipeline(array, labels, order, weights, global_batch, context):
-    """Like pipeline(), over examples already computed: backbone features or decoded images
-    (an array or memmap, one row per example)."""
+def array_pipeline(arrays, labels, order, weights, global_batch, context):
+    """Like pipeline(), over examples already computed: decoded images or cached model inputs
+    (a list of arrays or memmaps, one row per example; float16 ones come out as float32). The
+    inputs of a batch are a tensor, or a tuple of them when there are several arrays."""
     per_replica = context.get_per_replica_batch_size(global_batch)
     dataset = tf.data.Dataset.from_tensor_slices(
         (shard(order, global_batch, context), shard(weights, global_batch, context)))
     dataset = dataset.batch(per_replica, drop_remainder=True)
 
     def gather(indices, batch_weights):
-        rows, batch_labels = tf.numpy_function(
-            lambda i: (array[i], labels[i]), [indices], [tf.float32, tf.int32])
-        rows.set_shape([per_replica, *array.shape[1:]])
+        # float32 from numpy: a float16 tensor in TF would send CPU kernels off oneDNN (with
+        # an error-level log line on CPUs without AVX-512 FP16).
+        *rows, batch_labels = tf.numpy_function(
+            lambda i: [array[i].astype(np.float32) for array in arrays] + [labels[i]],
+            [indices], [tf.float32] * len(arrays) + [tf.int32])
+        for row, array in zip(rows, arrays):
+            row.set_shape([per_replica, *array.shape[1:]])
         batch_labels.set_shape([per_replica])
-        return rows, batch_labels, batch_weights
+        return rows[0] if len(rows) == 1 else tuple(rows), batch_labels, batch_weights
 
     return dataset.map(gather).prefetch(AUTOTUNE)
 
@@ -181,8 +194,9 @@ def _tfds_files(split, epoch_seed, context, deterministic):
 
 
 def epoch_records(split, epoch, seed, global_batch, context, deterministic=True):
-    """One pipeline's per-replica batches of (encoded images, labels, keys) for one epoch of a
-    prepared or TFDS split: steps_per_epoch x its share of the global batch of examples.
+    """One pipeline's per-replica batches of (encoded images, labels, keys, weights) for one
+    epoch of a prepared or TFDS split: steps_per_epoch x its share of the global batch of
+    examples, the padding with weight 0.
     Files are shuffled by (seed, epoch) and divided between pipelines when there are enough of
     them, else the examples are; a seeded shuffle buffer mixes them. Deterministic unless
     asked otherwise, so that a resumed epoch can skip ahead to exactly where it stopped."""
@@ -199,10 +213,14 @@ def epoch_records(split, epoch, seed, global_batch, context, deterministic=True)
     # The padding to whole global batches comes from the start of the unshuffled stream: a
     # second pass through the shuffle buffer would read the whole split again for a few records.
     steps = steps_per_epoch(len(split), global_batch)
-    epoch = shuffled.concatenate(examples.repeat()).take(steps * global_batch // pipelines)
+    # The padding has weight 0: every image counts once an epoch in the loss and the metrics.
+    epoch = shuffled.map(lambda *example: (*example, 1.0)).concatenate(
+        examples.repeat().map(lambda *example: (*example, 0.0))).take(
+        steps * global_batch // pipelines)
     epoch = epoch.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
     # Parsed a batch at a time: one vectorised parse instead of one per record.
-    return epoch if split.tfds else epoch.map(records.parse_batch)
+    return epoch if split.tfds else epoch.map(
+        lambda batch, weights: (*records.parse_batch(batch), weights))
 
 
 def training_pipeline(split, first_step, end_step, global_batch, image_size, seed, context,
@@ -213,7 +231,8 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
     the steps of the first epoch that were already trained."""
     if not split.is_stream:
         order = train_order(len(split), global_batch, seed, first_step, end_step)
-        return pipeline(split, order, np.ones(len(order), np.float32), global_batch,
+        return pipeline(split, order, train_weights(len(split), global_batch, first_step,
+                                                    end_step), global_batch,
                         image_size, context, deterministic)
     steps = steps_per_epoch(len(split), global_batch)
     # Batches a step: one per replica this pipeline feeds.
@@ -226,8 +245,7 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
             (end - start) * per_step)
         stream = epoch_part if stream is None else stream.concatenate(epoch_part)
 
-    def load(contents, labels, _):
-        weights = tf.ones_like(labels, tf.float32)
+    def load(contents, labels, _, weights):
         return decode_batch(contents, image_size, read_files=False), labels, weights
 
     # Encoded batches read ahead keep decoding busy while the next epoch fills its shuffle

@@ -13,9 +13,9 @@ def strategy_line(kind, reason, schedule, execution):
             f"jit_compile {execution.jit_compile}")
 
 
-def describe(config, schedule, strategy, source, layout, state, trainable_params):
+def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs):
     """The plan as text. strategy is strategy_line()'s; trainable_params maps phase name to
-    trainable parameter count."""
+    trainable parameter count; inputs, phase name to train.Inputs."""
     lines = ["plan (--dry_run: nothing is trained or written)", f"  {strategy}"]
     lines += _data_lines(source)
     for phase in schedule.phases:
@@ -23,12 +23,10 @@ def describe(config, schedule, strategy, source, layout, state, trainable_params
         what = ("backbone frozen" if phase.name == "head" else
                 f"backbone layers {model.fine_tune_layer(config.backbone, config.fine_tune_at)}+ "
                 "trainable")
-        cached = ("; features cached: one backbone pass, then the head trains on them"
-                  if phase.name == "head" and config.caches_features() else "")
         lines.append(f"  phase {phase.name:<10}epochs {phase.first_epoch + 1}-{phase.end_epoch} at "
                      f"lr {phase.learning_rate:g}, {what}: {schedule.steps_per_epoch} steps/epoch, "
-                     f"{steps} steps, {trainable_params[phase.name]:,} trainable parameters"
-                     f"{cached}")
+                     f"{steps} steps, {trainable_params[phase.name]:,} trainable parameters")
+        lines.append(f"    trains on {inputs[phase.name].description}")
     lines.append(f"  weights       {config.backbone}: {config.base_weights}")
     lines.append(f"  model_dir     {layout.model_dir} ({state})")
     lines.append(f"  outputs       config.yaml, labels.txt, metrics.json, report.png, export/"

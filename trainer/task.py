@@ -66,6 +66,9 @@ def main(argv):
         with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
                            run.source, layout.checkpoint_dir, layout.log_dir,
                            run.chief) as trainer:
+            for phase in run.schedule.phases:
+                print(f"phase {phase.name} trains on {trainer.inputs[phase.name].description}",
+                      flush=True)
             resumed_step = _restore(trainer, layout, config, run.chief)
             with _exit_when_stopped():
                 trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
@@ -137,14 +140,15 @@ def _exit_when_stopped():
 
 
 def _dry_run_plan(config, run, layout, state):
-    from trainer import model, plan
-    # Parameter counts do not depend on the weights: build without downloading any.
+    from trainer import model, plan, train
+    # Parameter counts and the cut do not depend on the weights: build without any.
     classifier = model.build(config.backbone, "none", config.image_size,
                              len(run.source.class_names), config.dropout)
-    counts = model.trainable_parameters(
-        classifier, model.fine_tune_layer(config.backbone, config.fine_tune_at))
+    fine_tune_at = model.fine_tune_layer(config.backbone, config.fine_tune_at)
+    counts = model.trainable_parameters(classifier, fine_tune_at)
+    inputs = train.phase_inputs(config, train.fine_tune_cut(config, classifier, fine_tune_at))
     return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
-                         counts)
+                         counts, inputs)
 
 
 def _restore(trainer, layout, config, chief):
@@ -206,7 +210,9 @@ def _write_report(trainer, evaluation, config, layout, resumed_step, began):
         "global_steps": trainer.schedule.total_steps,
         "replicas": trainer.schedule.replicas,
         "phase_seconds": trainer.phase_seconds,
-        "cached_features": trainer.caches_features,
+        "cached_features": [phase.name for phase in trainer.schedule.phases
+                            if trainer.inputs[phase.name].cached],
+        "cache_bytes_per_image": trainer.cache_bytes_per_image,
         **evaluation,
         "wall_seconds": round(time.time() - began, 1),
     })

@@ -6,9 +6,15 @@ checkpoint holds the model, both phases' optimizers, the global step and the run
 the data position follows from the step (see pipelines.py), so a resumed run continues at the
 exact batch where the last checkpoint was taken.
 
-Each phase reads one of three inputs, chosen once per phase (Trainer._phase_inputs): the head
-alone on backbone features computed once (phase 1 without augmentation), the whole model on
-images decoded once into memory, or on images streamed and decoded every epoch.
+Each phase reads one of four inputs, chosen before training (phase_inputs) and set up when
+the phase starts (Trainer._phase_inputs). Without random augmentation, what the frozen part of
+the model computes from an image never changes, so it is computed once, in one backbone pass
+for both phases:
+- phase 1: the head alone, on the pooled backbone features;
+- phase 2: the top (backbone layers from the cut up, pooling, head) on the activations at the
+  cut below --fine_tune_at (model.cut), stored as float16.
+Otherwise (--augment, --cache_features=off) the whole model trains on images decoded once
+into memory, or streamed and decoded every epoch.
 """
 
 import contextlib
@@ -98,6 +104,45 @@ class Schedule:
         return self.end_step(self.fine_tune)
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a phase trains on; decided before training, shown by --dry_run and the log."""
+    cached: bool       # computed once by the backbone pass, not read from images every epoch
+    description: str
+
+
+def fine_tune_cut(config, classifier, fine_tune_at):
+    """The model.Cut phase 2 trains above, or None when it reads images."""
+    if config.fine_tune_epochs and config.caches_features():
+        return model_lib.cut(classifier, fine_tune_at)
+    return None
+
+
+def phase_inputs(config, cut):
+    """{phase name: Inputs}. cut: fine_tune_cut()'s."""
+    if config.cache_features == "off":
+        images = "images every epoch (--cache_features=off)"
+    elif config.augmentations():
+        images = ("images every epoch: --augment changes them each time, so the backbone's "
+                  "outputs cannot be cached")
+    else:
+        images = None
+    head = Inputs(False, images) if images else Inputs(
+        True, "pooled backbone features, cached in one backbone pass: the head trains on them")
+    if images:
+        fine_tune = Inputs(False, images)
+    elif cut is None:
+        fine_tune = Inputs(False, "images every epoch: no frozen backbone layer below "
+                                  "--fine_tune_at to cache the outputs of")
+    else:
+        shapes = " + ".join("x".join(map(str, shape)) for shape in cut.shapes)
+        fine_tune = Inputs(True, f"the activations entering backbone layer {cut.layer} "
+                                 f"({shapes}, {cut.bytes_per_image(2) / 1024:.1f} KB an image "
+                                 "as float16), cached in the same pass: the layers from there "
+                                 "up, the pooling and the head run on them")
+    return {"head": head, "fine_tune": fine_tune}
+
+
 def itstime(step, every):
     """Whether a periodic action set to run every `every` steps (0: never) is due at `step`."""
     return bool(every) and step % every == 0
@@ -116,18 +161,20 @@ class Trainer:
         self.classifier = classifier
         self.source = source
         self.fine_tune_at = model_lib.fine_tune_layer(config.backbone, config.fine_tune_at)
-        self.caches_features = config.caches_features()
+        self.cut = fine_tune_cut(config, classifier, self.fine_tune_at)
+        self.inputs = phase_inputs(config, self.cut)
         self.phase_seconds = {}  # wall time of each phase in this process, caching included
+        self.cache_bytes_per_image = 0  # of what the backbone pass cached, all phases
         self.history = []        # one record per finished epoch, both phases
         self._sums = [0.0, 0.0, 0.0]  # loss, correct and count of the epoch so far
         self._stop_requested = None  # the signal that asked this process to stop
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self._feature_files = []
+        self._memory_left = config.memory_budget_mb * 2**20  # for caches, then files
         self._decoded = None  # images decoded once, for the phases that read images
-        self._features = None  # [train, validation] backbone features, for phase 1
-        # Backbone features of the validation split while they still match the backbone: from
-        # the cached phase 1 until phase 2 changes it.
-        self._validation_features = None
+        self._cache = {}  # phase name: [train, validation] cached inputs, lists of arrays
+        # (model, validation inputs) of the cached phase being trained, for the final report.
+        self._validation = None
         self.class_weights = tf.constant(
             sources.class_weights(source.train, len(source.class_names)) if
             config.class_weight == "auto" else np.ones(len(source.class_names)), tf.float32)
@@ -341,32 +388,36 @@ class Trainer:
 
     # -- what a phase reads ------------------------------------------------------------------
 
-    def _caches(self, phase):
-        return self.caches_features and phase.name == "head"
+    def _model(self, phase):
+        """What a training step runs: the head, the top above the cut, or the whole model."""
+        if not self.inputs[phase.name].cached:
+            return self.classifier.model
+        return self.classifier.head if phase.name == "head" else self.cut.top
 
     def _phase_inputs(self, phase, first_step):
         """(training batches from first_step to the end of the phase, a function validating
-        the model): the head on cached backbone features, or the whole model on images decoded
-        once into memory, or on images streamed and decoded every epoch."""
+        the model): cached inputs, or images decoded once into memory, or images streamed
+        and decoded every epoch."""
         end_step = self.schedule.end_step(phase)
-        train = self.source.train
-        order = pipelines.train_order(len(train), self.schedule.global_batch, self.config.seed,
-                                      first_step, end_step)
-        ones = np.ones(len(order), dtype=np.float32)
-        if self._caches(phase):
-            train_features, self._validation_features = self._cache_features()
-            return (self._arrays(train_features, train, order, ones),
-                    self._evaluation(self.classifier.head, self._validation_features))
-        self._validation_features = None
+        train, batch = self.source.train, self.schedule.global_batch
+        order = pipelines.train_order(len(train), batch, self.config.seed, first_step, end_step)
+        weights = pipelines.train_weights(len(train), batch, first_step, end_step)
+        self._validation = None
+        if self.inputs[phase.name].cached:
+            train_inputs, validation_inputs = self._cached(phase)
+            model = self._model(phase)
+            self._validation = (model, validation_inputs)
+            return (self._arrays(train_inputs, train, order, weights),
+                    self._evaluation(model, validation_inputs))
         if self._decoded is None:
             self._decoded = self._decode_once() or ()
         if self._decoded:
             train_images, validation_images = self._decoded
-            return (self._arrays(train_images, train, order, ones),
+            return (self._arrays(train_images, train, order, weights),
                     self._evaluation(self.classifier.model, validation_images))
         stream = self.strategy.distribute_datasets_from_function(
             lambda context: pipelines.training_pipeline(
-                train, first_step, end_step, self.schedule.global_batch, self.config.image_size,
+                train, first_step, end_step, batch, self.config.image_size,
                 self.config.seed, context, self.config.deterministic))
         return stream, self._evaluation(self.classifier.model)
 
@@ -375,49 +426,88 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(
             lambda context: pipelines.pipeline(split, order, weights, batch, size, context))
 
-    def _arrays(self, array, split, order, weights):
+    def _arrays(self, arrays, split, order, weights):
         batch = self.schedule.global_batch
         return self.strategy.distribute_datasets_from_function(
-            lambda context: pipelines.array_pipeline(array, split.labels, order, weights, batch,
-                                                     context))
+            lambda context: pipelines.array_pipeline(arrays, split.labels, order, weights,
+                                                     batch, context))
 
-    def _cache_features(self):
-        """Pooled backbone features of the train and validation splits: one backbone pass,
-        kept for the rest of phase 1 (the backbone does not change in it)."""
-        if self._features is not None:
-            return self._features
-        began = time.time()
-        features = [self._extract_features(split)
-                    for split in (self.source.train, self.source.validation)]
-        print(f"cached backbone features of {len(self.source.train)} train and "
-              f"{len(self.source.validation)} validation images in {time.time() - began:.1f}s: "
-              "phase head trains the head on them (--cache_features)", flush=True)
-        self._features = features
-        return features
-
-    def _extract_features(self, split):
+    def _cached(self, phase):
+        """[train, validation] cached inputs of `phase`, each a list of arrays with a row an
+        example. The first call computes them together with those of the cached phase still
+        to come: one backbone pass for both phases (the frozen part does not change in
+        either)."""
+        if phase.name in self._cache:
+            if phase.name == "fine_tune":
+                self._cache.pop("head", None)  # the backbone changes from here on
+            return self._cache[phase.name]
+        step = int(self.step.numpy())
+        wanted = [later.name for later in self.schedule.phases
+                  if self.inputs[later.name].cached and step < self.schedule.end_step(later)
+                  and later.end_epoch >= phase.end_epoch]
         features = self.classifier.features
-        return self._outputs(lambda images: features(images, training=False),
-                             features.output_shape[1:], split)
+        outputs = {"head": [(features.output_shape[1:], np.float32)]}
+        if self.cut:
+            outputs["fine_tune"] = [(shape, np.float16) for shape in self.cut.shapes]
+        if wanted == ["head"]:
+            model = features
+        else:  # the phase-1 features come out of the top of the same pass
+            model = self.cut.bottom if wanted == ["fine_tune"] else self.cut.both
+        began = time.time()
+        splits = [self._outputs(lambda images: model(images, training=False),
+                                [spec for name in wanted for spec in outputs[name]], split)
+                  for split in (self.source.train, self.source.validation)]
+        for name in wanted:
+            count = len(outputs[name])
+            self._cache[name] = [arrays[:count] for arrays in splits]
+            splits = [arrays[count:] for arrays in splits]
+        self._announce_cache(wanted, time.time() - began)
+        return self._cache[phase.name]
+
+    def _announce_cache(self, names, seconds):
+        what, who = ["backbone features"], ["the head trains on the features"]
+        if "fine_tune" in names:
+            what.append(f"activations entering layer {self.cut.layer}")
+            who.append("phase fine_tune trains the top on the activations")
+        if "head" not in names:
+            what, who = what[1:], who[1:]
+        arrays = [array for name in names for split in self._cache[name] for array in split]
+        size = sum(array.nbytes for array in arrays)
+        self.cache_bytes_per_image = size // (len(self.source.train) + len(self.source.validation))
+        on_disk = any(isinstance(array, np.memmap) for array in arrays)
+        stored = ("; activations as " + ", ".join(sorted({array.dtype.name for array in
+                                                         self._cache["fine_tune"][0]}))
+                  if "fine_tune" in names else "")
+        print(f"cached {' and '.join(what)} of "
+              f"{len(self.source.train)} train and {len(self.source.validation)} validation "
+              f"images in {seconds:.1f}s ({size / 2**20:.1f} MB, "
+              f"{self.cache_bytes_per_image / 1024:.1f} KB an image{stored}"
+              f"{', in files in the temp dir' if on_disk else ''}): "
+              f"{'; '.join(who)} (--cache_features)", flush=True)
 
     def _decode_once(self):
-        """Train and validation images decoded and resized once, when they fit within
-        --memory_budget_mb, so that later epochs skip decoding; else None."""
+        """Train and validation images decoded and resized once, when they fit within what is
+        left of --memory_budget_mb, so that later epochs skip decoding; else None."""
         size = self.config.image_size
         count = len(self.source.train) + len(self.source.validation)
-        if count * size * size * 3 * 4 > self.config.memory_budget_mb * 2**20:
+        if count * size * size * 3 * 4 > self._memory_left:
             return None
         began = time.time()
-        decoded = [self._outputs(tf.identity, (size, size, 3), split)
+        decoded = [self._outputs(tf.identity, [((size, size, 3), np.float32)], split)[0]
                    for split in (self.source.train, self.source.validation)]
         print(f"decoded {count} images once in {time.time() - began:.1f}s "
               f"({count * size * size * 12 / 2**20:.0f} MB in memory): later epochs read "
               "them from there", flush=True)
-        return decoded
+        return [[array] for array in decoded]
 
-    def _outputs(self, function, shape, split):
-        """function(images) for every example of split, one pass under the strategy, gathered
-        from all replicas so that every worker holds them all (float32, one row each)."""
+    def _outputs(self, function, specs, split):
+        """function(images), a tensor or a list of them, for every example of split: one pass
+        under the strategy, each worker computing its share, gathered from all replicas so
+        that every worker holds them all (each epoch's shuffle gives a worker other examples:
+        the data order follows from the global step alone, for exact resume).
+        specs: (shape, numpy dtype) of each output; a float16 one is stored as float32 from the
+        first batch float16 would not hold (see _fits_float16). Returns a list of arrays, one
+        row an example."""
         batch = self.schedule.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
         iterator = iter(self._images(split, order, weights))
@@ -425,35 +515,48 @@ class Trainer:
         @tf.function
         def compute(iterator):
             images, _, _ = next(iterator)
-            per_replica = self.strategy.run(lambda x: tf.cast(function(x), tf.float32),
-                                            args=(images,))
-            return self.strategy.gather(per_replica, axis=0)
+            per_replica = self.strategy.run(
+                lambda x: [tf.cast(y, tf.float32) for y in model_lib.as_list(function(x))],
+                args=(images,))
+            return [self.strategy.gather(value, axis=0) for value in per_replica]
 
-        result = self._allocate((len(split), *shape))
+        results = [self._allocate((len(split), *shape), dtype) for shape, dtype in specs]
         for step in range(len(order) // batch):
             self._stop_between_batches()
             # Padding rows repeat the first examples and write the same values again.
-            result[order[step * batch:(step + 1) * batch]] = compute(iterator).numpy()
-        return result
+            rows = order[step * batch:(step + 1) * batch]
+            for index, values in enumerate(compute(iterator)):
+                values = values.numpy()
+                if results[index].dtype == np.float16 and not _fits_float16(values):
+                    results[index] = self._copy(results[index], np.float32)
+                results[index][rows] = values
+        return results
 
-    def _allocate(self, shape):
-        """Memory within --memory_budget_mb, else a file in the local temp dir."""
-        if np.prod(shape) * 4 <= self.config.memory_budget_mb * 2**20:
-            return np.zeros(shape, np.float32)
+    def _copy(self, array, dtype):
+        copy = self._allocate(array.shape, dtype)
+        copy[:] = array
+        return copy
+
+    def _allocate(self, shape, dtype):
+        """Memory while --memory_budget_mb lasts, else a file in the local temp dir."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if size <= self._memory_left:
+            self._memory_left -= size
+            return np.zeros(shape, dtype)
         handle, path = tempfile.mkstemp(prefix="trainer-features-", suffix=".npy")
         os.close(handle)
         self._feature_files.append(path)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
     # -- steps -------------------------------------------------------------------------------
 
     def _train_function(self, phase):
         """A function running `steps` training steps; returns summed (loss, correct, count,
-        stop), where stop > 0 if any worker was asked to stop. With cached features the steps
-        run the head alone: the same variables, loss and optimizer as the whole model."""
+        stop), where stop > 0 if any worker was asked to stop. On cached inputs the steps run
+        the head or the top alone: the same variables, loss and optimizer as the whole model."""
         model_lib.set_phase(self.classifier, phase.name, self.fine_tune_at)
         variables = self.classifier.model.trainable_variables
-        model = self.classifier.head if self._caches(phase) else self.classifier.model
+        model = self._model(phase)
         optimizer = self.optimizers[phase.name]
         global_batch = self.schedule.global_batch
         scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -492,13 +595,13 @@ class Trainer:
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for value in per_replica]
 
-    def _evaluation(self, model, array=None):
+    def _evaluation(self, model, arrays=None):
         """A function computing (loss, accuracy) over the validation split, each example once,
-        from image files or from an array of decoded images or features."""
+        from image files or from arrays of decoded images or cached inputs."""
         split = self.source.validation
         batch = self.schedule.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
-        dataset = (self._arrays(array, split, order, weights) if array is not None
+        dataset = (self._arrays(arrays, split, order, weights) if arrays is not None
                    else self._images(split, order, weights))
 
         def replica_step(inputs, labels, weights):
@@ -523,19 +626,35 @@ class Trainer:
     # -- after training ----------------------------------------------------------------------
 
     def predict_validation(self):
-        """Class probabilities of every validation example: the head on the cached features
-        when the run ended in the cached phase, else one pass over the images."""
-        if self._validation_features is not None:
-            features = self._validation_features
+        """Class probabilities of every validation example: from the cached inputs when the
+        run ended in a cached phase, else one pass over the images."""
+        if self._validation is not None:
+            model, arrays = self._validation
+            batch = self.schedule.global_batch  # the activations of a batch through the top
             logits = np.concatenate([
-                self.classifier.head(features[start:start + 1024], training=False)
-                for start in range(0, len(features), 1024)])
+                model(model_lib.unlist([array[start:start + batch].astype(np.float32)
+                                        for array in arrays]), training=False)
+                for start in range(0, len(arrays[0]), batch)])
             return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
         inference = self.classifier.inference
         with errors.from_tensorflow(self.config.data, self._multiworker):
-            logits = self._outputs(lambda images: inference(images, training=False),
-                                   inference.output_shape[1:], self.source.validation)
+            [logits] = self._outputs(lambda images: inference(images, training=False),
+                                     [(inference.output_shape[1:], np.float32)],
+                                     self.source.validation)
         return tf.nn.softmax(logits).numpy()
+
+
+def _fits_float16(values):
+    """Whether float16 holds a batch of activations as well as it holds any: to within its
+    rounding (2^-11 of a value, 2^-10 here for slack) of the batch's largest magnitude. Values
+    past 65504 overflow; a batch of tiny ones (a backbone without trained weights gives 1e-9)
+    falls below float16's normal range and loses its digits."""
+    scale = float(np.abs(values).max())
+    if scale == 0:
+        return True
+    with np.errstate(over="ignore"):
+        error = np.abs(values.astype(np.float16).astype(np.float32) - values).max()
+    return bool(error <= scale * 2**-10)
 
 
 def _sums(labels, logits, per_example, weights):

@@ -1,6 +1,6 @@
-"""python -m tests.programs.mirrored_two_cpus WORKDIR: trains the same tiny job under the
-default strategy and under MirroredStrategy over two logical CPUs, and checks that the weights
-agree. A program of its own: the logical devices must be set before TensorFlow's runtime
+"""python -m tests.programs.mirrored_two_cpus WORKDIR: trains the same tiny job, both phases on
+what the backbone pass cached, under the default strategy and under MirroredStrategy over two
+logical CPUs, and checks that the weights agree. A program of its own: the logical devices must be set before TensorFlow's runtime
 starts, which in a test process has long happened."""
 
 import sys
