@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests import images
+from trainer import cache
 from trainer import config as config_lib
 from trainer import model
 from trainer import sources
@@ -294,10 +295,10 @@ def test_both_cached_phases_train_like_the_whole_model(tmp_path, backbone, size,
 
 def test_float16_holds_activations_unless_they_overflow_or_underflow():
     rng = np.random.default_rng(0)
-    assert train._fits_float16(rng.normal(0, 3, 1000).astype(np.float32))
-    assert train._fits_float16(np.zeros(10, np.float32))
-    assert not train._fits_float16(np.array([1.0, 7e4], np.float32))  # past 65504
-    assert not train._fits_float16(rng.normal(0, 1e-9, 1000).astype(np.float32))
+    assert cache.fits_float16(rng.normal(0, 3, 1000).astype(np.float32))
+    assert cache.fits_float16(np.zeros(10, np.float32))
+    assert not cache.fits_float16(np.array([1.0, 7e4], np.float32))  # past 65504
+    assert not cache.fits_float16(rng.normal(0, 1e-9, 1000).astype(np.float32))
 
 
 def test_a_run_resumed_in_phase_two_caches_the_activations_alone_and_trains_alike(tmp_path,

@@ -15,7 +15,7 @@ def strategy_line(kind, reason, schedule, execution):
 
 def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs):
     """The plan as text. strategy is strategy_line()'s; trainable_params maps phase name to
-    trainable parameter count; inputs, phase name to train.Inputs."""
+    trainable parameter count; inputs, phase name to cache.Inputs."""
     lines = ["plan (--dry_run: nothing is trained or written)", f"  {strategy}"]
     lines += _data_lines(source)
     for phase in schedule.phases:

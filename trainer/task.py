@@ -66,9 +66,7 @@ def main(argv):
         with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
                            run.source, layout.checkpoint_dir, layout.log_dir,
                            run.chief) as trainer:
-            for phase in run.schedule.phases:
-                print(f"phase {phase.name} trains on {trainer.inputs[phase.name].description}",
-                      flush=True)
+            _announce_inputs(trainer)
             resumed_step = _restore(trainer, layout, config, run.chief)
             with _exit_when_stopped():
                 trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
@@ -127,6 +125,12 @@ def _announce(config, run):
         logging.warning(imbalance)
 
 
+def _announce_inputs(trainer):
+    for phase in trainer.schedule.phases:
+        print(f"phase {phase.name} trains on {trainer.inputs[phase.name].description}",
+              flush=True)
+
+
 @contextlib.contextmanager
 def _exit_when_stopped():
     """SIGTERM or Ctrl-C during training: the checkpoint is saved; say so and exit."""
@@ -140,13 +144,13 @@ def _exit_when_stopped():
 
 
 def _dry_run_plan(config, run, layout, state):
-    from trainer import model, plan, train
+    from trainer import cache, model, plan
     # Parameter counts and the cut do not depend on the weights: build without any.
     classifier = model.build(config.backbone, "none", config.image_size,
                              len(run.source.class_names), config.dropout)
     fine_tune_at = model.fine_tune_layer(config.backbone, config.fine_tune_at)
     counts = model.trainable_parameters(classifier, fine_tune_at)
-    inputs = train.phase_inputs(config, train.fine_tune_cut(config, classifier, fine_tune_at))
+    inputs = cache.phase_inputs(config, cache.fine_tune_cut(config, classifier, fine_tune_at))
     return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
                          counts, inputs)
 

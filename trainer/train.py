@@ -6,8 +6,8 @@ checkpoint holds the model, both phases' optimizers, the global step and the run
 the data position follows from the step (see pipelines.py), so a resumed run continues at the
 exact batch where the last checkpoint was taken.
 
-Each phase reads one of four inputs, chosen before training (phase_inputs) and set up when
-the phase starts (Trainer._phase_inputs). Without random augmentation, what the frozen part of
+Each phase reads one of four inputs, chosen before training (cache.phase_inputs) and set up
+when the phase starts (Trainer._phase_inputs). Without random augmentation, what the frozen part of
 the model computes from an image never changes, so it is computed once, in one backbone pass
 for both phases:
 - phase 1: the head alone, on the pooled backbone features;
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -32,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import cache
 from trainer import checkpoints
 from trainer import errors
 from trainer import files
@@ -104,45 +104,6 @@ class Schedule:
         return self.end_step(self.fine_tune)
 
 
-@dataclasses.dataclass(frozen=True)
-class Inputs:
-    """What a phase trains on; decided before training, shown by --dry_run and the log."""
-    cached: bool       # computed once by the backbone pass, not read from images every epoch
-    description: str
-
-
-def fine_tune_cut(config, classifier, fine_tune_at):
-    """The model.Cut phase 2 trains above, or None when it reads images."""
-    if config.fine_tune_epochs and config.caches_features():
-        return model_lib.cut(classifier, fine_tune_at)
-    return None
-
-
-def phase_inputs(config, cut):
-    """{phase name: Inputs}. cut: fine_tune_cut()'s."""
-    if config.cache_features == "off":
-        images = "images every epoch (--cache_features=off)"
-    elif config.augmentations():
-        images = ("images every epoch: --augment changes them each time, so the backbone's "
-                  "outputs cannot be cached")
-    else:
-        images = None
-    head = Inputs(False, images) if images else Inputs(
-        True, "pooled backbone features, cached in one backbone pass: the head trains on them")
-    if images:
-        fine_tune = Inputs(False, images)
-    elif cut is None:
-        fine_tune = Inputs(False, "images every epoch: no frozen backbone layer below "
-                                  "--fine_tune_at to cache the outputs of")
-    else:
-        shapes = " + ".join("x".join(map(str, shape)) for shape in cut.shapes)
-        fine_tune = Inputs(True, f"the activations entering backbone layer {cut.layer} "
-                                 f"({shapes}, {cut.bytes_per_image(2) / 1024:.1f} KB an image "
-                                 "as float16), cached in the same pass: the layers from there "
-                                 "up, the pooling and the head run on them")
-    return {"head": head, "fine_tune": fine_tune}
-
-
 def itstime(step, every):
     """Whether a periodic action set to run every `every` steps (0: never) is due at `step`."""
     return bool(every) and step % every == 0
@@ -161,16 +122,15 @@ class Trainer:
         self.classifier = classifier
         self.source = source
         self.fine_tune_at = model_lib.fine_tune_layer(config.backbone, config.fine_tune_at)
-        self.cut = fine_tune_cut(config, classifier, self.fine_tune_at)
-        self.inputs = phase_inputs(config, self.cut)
+        self.cut = cache.fine_tune_cut(config, classifier, self.fine_tune_at)
+        self.inputs = cache.phase_inputs(config, self.cut)
         self.phase_seconds = {}  # wall time of each phase in this process, caching included
         self.cache_bytes_per_image = 0  # of what the backbone pass cached, all phases
         self.history = []        # one record per finished epoch, both phases
         self._sums = [0.0, 0.0, 0.0]  # loss, correct and count of the epoch so far
         self._stop_requested = None  # the signal that asked this process to stop
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        self._feature_files = []
-        self._memory_left = config.memory_budget_mb * 2**20  # for caches, then files
+        self._store = cache.Store(config.memory_budget_mb * 2**20)
         self._decoded = None  # images decoded once, for the phases that read images
         self._cache = {}  # phase name: [train, validation] cached inputs, lists of arrays
         # (model, validation inputs) of the cached phase being trained, for the final report.
@@ -216,10 +176,7 @@ class Trainer:
     def close(self):
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
-        for path in self._feature_files:
-            if os.path.exists(path):
-                os.remove(path)
-        self._feature_files = []
+        self._store.close()
 
     # -- checkpoints (see checkpoints.py) -----------------------------------------------------
 
@@ -490,7 +447,7 @@ class Trainer:
         left of --memory_budget_mb, so that later epochs skip decoding; else None."""
         size = self.config.image_size
         count = len(self.source.train) + len(self.source.validation)
-        if count * size * size * 3 * 4 > self._memory_left:
+        if count * size * size * 3 * 4 > self._store.memory_left:
             return None
         began = time.time()
         decoded = [self._outputs(tf.identity, [((size, size, 3), np.float32)], split)[0]
@@ -506,7 +463,7 @@ class Trainer:
         that every worker holds them all (each epoch's shuffle gives a worker other examples:
         the data order follows from the global step alone, for exact resume).
         specs: (shape, numpy dtype) of each output; a float16 one is stored as float32 from the
-        first batch float16 would not hold (see _fits_float16). Returns a list of arrays, one
+        first batch float16 would not hold (see cache.fits_float16). Returns a list of arrays, one
         row an example."""
         batch = self.schedule.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
@@ -520,33 +477,17 @@ class Trainer:
                 args=(images,))
             return [self.strategy.gather(value, axis=0) for value in per_replica]
 
-        results = [self._allocate((len(split), *shape), dtype) for shape, dtype in specs]
+        results = [self._store.allocate((len(split), *shape), dtype) for shape, dtype in specs]
         for step in range(len(order) // batch):
             self._stop_between_batches()
             # Padding rows repeat the first examples and write the same values again.
             rows = order[step * batch:(step + 1) * batch]
             for index, values in enumerate(compute(iterator)):
                 values = values.numpy()
-                if results[index].dtype == np.float16 and not _fits_float16(values):
-                    results[index] = self._copy(results[index], np.float32)
+                if results[index].dtype == np.float16 and not cache.fits_float16(values):
+                    results[index] = self._store.copy(results[index], np.float32)
                 results[index][rows] = values
         return results
-
-    def _copy(self, array, dtype):
-        copy = self._allocate(array.shape, dtype)
-        copy[:] = array
-        return copy
-
-    def _allocate(self, shape, dtype):
-        """Memory while --memory_budget_mb lasts, else a file in the local temp dir."""
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if size <= self._memory_left:
-            self._memory_left -= size
-            return np.zeros(shape, dtype)
-        handle, path = tempfile.mkstemp(prefix="trainer-features-", suffix=".npy")
-        os.close(handle)
-        self._feature_files.append(path)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -642,19 +583,6 @@ class Trainer:
                                      [(inference.output_shape[1:], np.float32)],
                                      self.source.validation)
         return tf.nn.softmax(logits).numpy()
-
-
-def _fits_float16(values):
-    """Whether float16 holds a batch of activations as well as it holds any: to within its
-    rounding (2^-11 of a value, 2^-10 here for slack) of the batch's largest magnitude. Values
-    past 65504 overflow; a batch of tiny ones (a backbone without trained weights gives 1e-9)
-    falls below float16's normal range and loses its digits."""
-    scale = float(np.abs(values).max())
-    if scale == 0:
-        return True
-    with np.errstate(over="ignore"):
-        error = np.abs(values.astype(np.float16).astype(np.float32) - values).max()
-    return bool(error <= scale * 2**-10)
 
 
 def _sums(labels, logits, per_example, weights):
