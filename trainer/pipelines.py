@@ -147,7 +147,7 @@ def array_pipeline(arrays, labels, order, weights, global_batch, context):
         # float32 from numpy: a float16 tensor in TF would send CPU kernels off oneDNN (with
         # an error-level log line on CPUs without AVX-512 FP16).
         *rows, batch_labels = tf.numpy_function(
-            lambda i: [array[i].astype(np.float32) for array in arrays] + [labels[i]],
+            lambda i: [array[i].astype(np.float32, copy=False) for array in arrays] + [labels[i]],
             [indices], [tf.float32] * len(arrays) + [tf.int32])
         for row, array in zip(rows, arrays):
             row.set_shape([per_replica, *array.shape[1:]])

@@ -7,9 +7,9 @@ the data position follows from the step (see pipelines.py), so a resumed run con
 exact batch where the last checkpoint was taken.
 
 Each phase reads one of four inputs, chosen before training (cache.phase_inputs) and set up
-when the phase starts (Trainer._phase_inputs). Without random augmentation, what the frozen part of
-the model computes from an image never changes, so it is computed once, in one backbone pass
-for both phases:
+when the phase starts (Trainer._phase_inputs). Without random augmentation, what the frozen
+part of the model computes from an image never changes, so it is computed once, in one
+backbone pass for both phases:
 - phase 1: the head alone, on the pooled backbone features;
 - phase 2: the top (backbone layers from the cut up, pooling, head) on the activations at the
   cut below --fine_tune_at (model.cut), stored as float16.
@@ -422,12 +422,11 @@ class Trainer:
         return self._cache[phase.name]
 
     def _announce_cache(self, names, seconds):
-        what, who = ["backbone features"], ["the head trains on the features"]
-        if "fine_tune" in names:
-            what.append(f"activations entering layer {self.cut.layer}")
-            who.append("phase fine_tune trains the top on the activations")
-        if "head" not in names:
-            what, who = what[1:], who[1:]
+        parts = {"head": ("backbone features", "the head trains on the features")}
+        if self.cut:
+            parts["fine_tune"] = (f"activations entering layer {self.cut.layer}",
+                                  "phase fine_tune trains the top on the activations")
+        what, who = zip(*(parts[name] for name in names))
         arrays = [array for name in names for split in self._cache[name] for array in split]
         size = sum(array.nbytes for array in arrays)
         self.cache_bytes_per_image = size // (len(self.source.train) + len(self.source.validation))
@@ -463,8 +462,8 @@ class Trainer:
         that every worker holds them all (each epoch's shuffle gives a worker other examples:
         the data order follows from the global step alone, for exact resume).
         specs: (shape, numpy dtype) of each output; a float16 one is stored as float32 from the
-        first batch float16 would not hold (see cache.fits_float16). Returns a list of arrays, one
-        row an example."""
+        first batch float16 would not hold (see cache.fits_float16). Returns a list of arrays,
+        one row an example."""
         batch = self.schedule.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
         iterator = iter(self._images(split, order, weights))
@@ -573,7 +572,7 @@ class Trainer:
             model, arrays = self._validation
             batch = self.schedule.global_batch  # the activations of a batch through the top
             logits = np.concatenate([
-                model(model_lib.unlist([array[start:start + batch].astype(np.float32)
+                model(model_lib.unlist([array[start:start + batch].astype(np.float32, copy=False)
                                         for array in arrays]), training=False)
                 for start in range(0, len(arrays[0]), batch)])
             return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
