@@ -22,10 +22,10 @@ from trainer import train
 from trainer.errors import UserError
 
 
-def tiny_trainer(tmp_path, **overrides):
-    """A Trainer over 8 train images of 16 px with batch 8: one step an epoch."""
-    source = sources.scan(images.folder(str(tmp_path / "data"), per_class=4,
-                                        validation_per_class=1, size=16))
+def tiny_trainer(tmp_path, data=None, **overrides):
+    """A Trainer over 8 train images of 16 px with batch 8: one step an epoch. data: another
+    image folder to train on."""
+    source = sources.scan(data or tiny_data(tmp_path / "data"))
     values = dict(data="x", backbone="small_cnn", base_weights="none", image_size=16,
                   batch_size=8, epochs=1, fine_tune_epochs=1, learning_rate=1e-2,
                   fine_tune_learning_rate=1e-2, dropout=0.0, fine_tune_at=7)
@@ -38,6 +38,10 @@ def tiny_trainer(tmp_path, **overrides):
     execution = strategy_lib.execution("cpu", "off", 0, "off", schedule.steps_per_epoch)
     return train.Trainer(config, strategy, schedule, execution, classifier, source,
                          str(tmp_path / "checkpoints"), str(tmp_path / "logs"), True)
+
+
+def tiny_data(folder):
+    return images.folder(str(folder), per_class=4, validation_per_class=1, size=16)
 
 
 def test_two_steps_train_the_head_then_the_top_of_the_backbone(tmp_path):

@@ -6,6 +6,7 @@ the command line or in a --flagfile.
 """
 
 import dataclasses
+import itertools
 import os
 import typing
 
@@ -22,6 +23,9 @@ SWITCHES = ("auto", "on", "off")
 # Keras preprocessing layers by name; "tutorial" is the TF tutorial's flip + rotate.
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
 AUGMENTATION_PRESETS = {"none": (), "tutorial": ("flip", "rotate")}
+# The phase-1 settings --head_sweep varies, with the values each may take.
+HEAD_SETTINGS = ("learning_rate", "dropout", "label_smoothing")
+MAX_HEADS = 64
 
 
 def _field(default, help_text, choices=None):
@@ -59,6 +63,17 @@ class Config:
     learning_rate: float = _field(1e-4, "Adam learning rate of phase 1.")
     fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of phase 2.")
     dropout: float = _field(0.2, "Dropout rate before the classification layer.")
+    label_smoothing: float = _field(0.0, "Label smoothing of the training loss (validation "
+                                    "loss is the plain cross-entropy, comparable across runs).")
+    head_sweep: str = _field("", "Train several heads side by side in phase 1, on the same "
+                             "cached features and batches, and continue with the best by "
+                             "validation accuracy: a grid over " + ", ".join(HEAD_SETTINGS) +
+                             ", e.g. 'learning_rate=1e-4,3e-4,1e-3;dropout=0,0.2'. Settings "
+                             "not in the grid keep their flags' values.")
+    feature_cache: str = _field("", "A folder (local or gs://) where what the backbone pass "
+                                "computes is kept for later jobs, keyed by the backbone, its "
+                                "weights, image size, preprocessing and the data: a job or "
+                                "tuning trial with the same key skips the pass. Default: none.")
     validation_split: float = _field(0.2, "Fraction of train/ held out for validation when the "
                                      "data has no validation/ folder.")
     seed: int = _field(42, "Seed for initialisation, the validation split and shuffling.")
@@ -117,8 +132,9 @@ class Config:
             found.append(("epochs", "and fine_tune_epochs are both 0: nothing to train"))
         if not 0 <= self.validation_split < 1:
             found.append(("validation_split", "must be at least 0 and below 1"))
-        if not 0 <= self.dropout < 1:
-            found.append(("dropout", "must be in [0, 1)"))
+        for name in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append((name, "must be in [0, 1)"))
         if self.fine_tune_at is not None and self.fine_tune_at < 0:
             found.append(("fine_tune_at", "must be 0 or more"))
         unknown = [name for name in self.augmentations() if name not in AUGMENTATIONS]
@@ -129,7 +145,56 @@ class Config:
             found.append(("cache_features", "cannot be 'on' with --augment: random augmentation "
                           "changes every image each epoch, so there are no fixed features to "
                           "store; use --cache_features=auto or --augment=none"))
+        if self.head_sweep:
+            found += [("head_sweep", problem) for problem in self._sweep_problems()]
         return found
+
+    def _sweep_problems(self):
+        try:
+            points = self.head_settings()
+        except ValueError as error:
+            return [str(error)]
+        if len(points) > MAX_HEADS:
+            return [f"has {len(points)} points; at most {MAX_HEADS} heads train side by side"]
+        for point in points:
+            problems = [(name, message) for name, message in
+                        dataclasses.replace(self, head_sweep="", **point).problems()
+                        if name in point]
+            if problems:
+                name, message = problems[0]
+                return [f"gives {name}={point[name]!r}, which {message}"]
+        why = ("--augment changes every image each epoch, so no features are fixed; use "
+               "--augment=none" if self.augmentations() else
+               "--cache_features=off turns them off; use --cache_features=auto"
+               if self.cache_features == "off" else
+               "--epochs=0 leaves phase 1 no epochs to train the heads in"
+               if not self.epochs else None)
+        return [f"needs the heads trained on cached features: {why}"] if why else []
+
+    def head_settings(self):
+        """The phase-1 settings of each head to train: one per point of --head_sweep's grid,
+        in order (the first value of each setting first), or this config's own. Raises
+        ValueError on a grid that does not parse."""
+        own = {name: getattr(self, name) for name in HEAD_SETTINGS}
+        if not self.head_sweep:
+            return [own]
+        axes = {}
+        for part in filter(None, (part.strip() for part in self.head_sweep.split(";"))):
+            name, equals, values = part.partition("=")
+            name = name.strip()
+            if not equals or name not in HEAD_SETTINGS:
+                raise ValueError(f"part {part!r} is not NAME=V1,V2,... with NAME one of "
+                                 f"{', '.join(HEAD_SETTINGS)}")
+            if name in axes:
+                raise ValueError(f"names {name} twice")
+            try:
+                axes[name] = [float(value) for value in values.split(",")]
+            except ValueError:
+                raise ValueError(f"{name}={values} is not a comma list of numbers") from None
+        if not axes:
+            raise ValueError("is empty: give e.g. 'learning_rate=1e-4,1e-3;dropout=0,0.2'")
+        return [{**own, **dict(zip(axes, values))}
+                for values in itertools.product(*axes.values())]
 
     def augmentations(self):
         """The augmentation layer names --augment asks for."""
@@ -157,7 +222,7 @@ SMOKE = dict(data="demo", backbone="small_cnn", base_weights="none", image_size=
 
 # Flags that may change between runs in one model_dir without making it a different run.
 RUN_INDEPENDENT = ("model_dir", "strategy", "tpu", "tfds_download", "checkpoint_every_steps",
-                   "log_every_steps",
+                   "log_every_steps", "feature_cache",
                    "cache_features", "memory_budget_mb", "deterministic", "steps_per_execution",
                    "jit_compile", "export_tflite", "storage_retry_seconds")
 

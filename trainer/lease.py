@@ -190,21 +190,12 @@ class _LocalStore:
 class _GcsStore:
     def __init__(self, path):
         from google.api_core import exceptions
-        from google.auth import exceptions as auth_exceptions
-        from google.cloud import storage
+        from trainer import files
         self.path = path
         self.transient = (OSError, exceptions.GoogleAPIError)
         self.conflict = (exceptions.PreconditionFailed, exceptions.Conflict)
         self.missing = exceptions.NotFound
-        bucket, _, self.name = path[len("gs://"):].partition("/")
-        try:
-            # Objects need no project; without one the client would refuse to start.
-            client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or "none")
-        except auth_exceptions.DefaultCredentialsError as error:
-            raise UserError(f"no Google Cloud credentials for the lease {path} "
-                            f"({first_line(error)}): run `gcloud auth application-default "
-                            "login`, or run where credentials are set (Vertex AI)") from None
-        self.bucket = client.bucket(bucket)
+        self.bucket, self.name = files.gcs_bucket(path, "the lease")
         self.generation = None  # of the object this job wrote last
 
     def _write(self, content, generation):

@@ -170,6 +170,20 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
                       keras.Model(images, preprocessed, name="preprocess"))
 
 
+def copy_head(head):
+    """A second head like `head`: the same weights and the same dropout seed (its random
+    state is one of its variables), so that, given the same settings, it trains the same."""
+    copy = keras.models.clone_model(head)
+    for target, source in zip(copy.variables, head.variables):
+        target.assign(source)
+    return copy
+
+
+def set_dropout(head, rate):
+    """Sets the head's dropout rate; a training step traced afterwards uses it."""
+    head.get_layer("dropout").rate = rate
+
+
 def random_state(model):
     """The state of the model's random layers (dropout, augmentation), which advances with every
     training step: checkpointed with the weights, so that a resumed run draws the same masks

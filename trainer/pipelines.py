@@ -23,6 +23,10 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 # -- decoding --------------------------------------------------------------------------------
 
+# What decode_and_resize makes of an image file, for keys of what is computed from its pixels.
+PIXELS = "decode_image(channels=3, uint8), resize bilinear to image_size, float32 0..255"
+
+
 def decode_and_resize(contents, image_size):
     """Encoded bytes of any supported format to float32 RGB in 0..255, image_size square.
 

@@ -3,6 +3,7 @@
 
 from trainer import model
 from trainer import sources
+from trainer import sweep
 
 
 def strategy_line(kind, reason, schedule, execution):
@@ -13,9 +14,11 @@ def strategy_line(kind, reason, schedule, execution):
             f"jit_compile {execution.jit_compile}")
 
 
-def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs):
+def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs,
+             head_settings):
     """The plan as text. strategy is strategy_line()'s; trainable_params maps phase name to
-    trainable parameter count; inputs, phase name to cache.Inputs."""
+    trainable parameter count; inputs, phase name to cache.Inputs; head_settings, those of
+    each head phase 1 trains (Config.head_settings)."""
     lines = ["plan (--dry_run: nothing is trained or written)", f"  {strategy}"]
     lines += _data_lines(source)
     for phase in schedule.phases:
@@ -23,10 +26,15 @@ def describe(config, schedule, strategy, source, layout, state, trainable_params
         what = ("backbone frozen" if phase.name == "head" else
                 f"backbone layers {model.fine_tune_layer(config.backbone, config.fine_tune_at)}+ "
                 "trainable")
+        rates = {point["learning_rate"] for point in head_settings}
+        rate = (f"lr {phase.learning_rate:g}" if phase.name != "head" or len(rates) == 1
+                else "each head's lr")
         lines.append(f"  phase {phase.name:<10}epochs {phase.first_epoch + 1}-{phase.end_epoch} at "
-                     f"lr {phase.learning_rate:g}, {what}: {schedule.steps_per_epoch} steps/epoch, "
+                     f"{rate}, {what}: {schedule.steps_per_epoch} steps/epoch, "
                      f"{steps} steps, {trainable_params[phase.name]:,} trainable parameters")
         lines.append(f"    trains on {inputs[phase.name].description}")
+        if phase.name == "head" and len(head_settings) > 1:
+            lines += sweep.plan(head_settings)
     lines.append(f"  weights       {config.backbone}: {config.base_weights}")
     lines.append(f"  model_dir     {layout.model_dir} ({state})")
     lines.append(f"  outputs       config.yaml, labels.txt, metrics.json, report.png, export/"

@@ -32,15 +32,17 @@ def evaluation_metrics(probabilities, labels, paths, class_names, worst=10):
             "most_confident_mistakes": mistakes}
 
 
-def plot(history, confusion, class_names, path):
+def plot(history, confusion, class_names, path, head_sweep=None):
     """Loss and accuracy per epoch for both phases, the phase boundary marked (as in the TF
-    tutorial's plot), and the validation confusion matrix; written as PNG to path."""
+    tutorial's plot), the validation confusion matrix, and with --head_sweep every head's
+    validation accuracy in phase 1 (sweep.summary's); written as PNG to path."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     epochs = [row["epoch"] for row in history]
-    figure, axes = pyplot.subplots(1, 3, figsize=(16, 4.8))
+    panels = 4 if head_sweep else 3
+    figure, axes = pyplot.subplots(1, panels, figsize=(16 * panels / 3, 4.8))
     for axis, metric in zip(axes[:2], ("accuracy", "loss")):
         axis.plot(epochs, [row[metric] for row in history], "o-", label=f"training {metric}")
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-",
@@ -62,8 +64,23 @@ def plot(history, confusion, class_names, path):
     axes[2].set_xlabel("predicted")
     axes[2].set_ylabel("true")
     axes[2].set_title("Validation confusion matrix")
+    if head_sweep:
+        _plot_heads(axes[3], head_sweep)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     pyplot.close(figure)
     files.write_bytes(path, buffer.getvalue())
+
+
+def _plot_heads(axis, head_sweep):
+    """Every head's validation accuracy per epoch; the chosen one bold."""
+    for index, head in enumerate(head_sweep["heads"]):
+        chosen = index == head_sweep["chosen"]
+        axis.plot([row["epoch"] for row in head["history"]],
+                  [row["val_accuracy"] for row in head["history"]], "o-",
+                  linewidth=3 if chosen else 1, alpha=1 if chosen else 0.6,
+                  label=head["name"] + (" (chosen)" if chosen else ""))
+    axis.set_xlabel("epoch")
+    axis.set_title("Head sweep: validation accuracy")
+    axis.legend(fontsize="small")

@@ -8,6 +8,8 @@ pipeline can fix the order of an epoch before reading anything (see pipelines.py
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import struct
 
 from absl import logging
@@ -29,6 +31,12 @@ class Split:
     labels: np.ndarray  # int32 class indices
     shards: list = None  # TFRecord files holding the images in this order; None: read paths
     tfds: tuple = None   # (builder, split name) of a TensorFlow Datasets split instead
+    digests: np.ndarray = None  # content hash of each image file, read by the scan
+
+    def subset(self, keep):
+        """The split of the image files `keep` (a mask or indices) selects."""
+        return Split(self.paths[keep], self.labels[keep],
+                     digests=None if self.digests is None else self.digests[keep])
 
     def __len__(self):
         return len(self.paths)
@@ -154,25 +162,29 @@ def _need_held_out(validation_split, why):
 
 
 def find_unreadable(paths, max_pixels, retry_seconds):
-    """{index: why} of the files to skip: too many pixels (read from the header, never
-    decoded), or rejected by the decoder training uses. A read that storage fails transiently
-    is retried for up to retry_seconds, never counted as a bad image."""
+    """({index: why} of the files to skip, the content hash of every file). Skipped: too many
+    pixels (read from the header, never decoded), or rejected by the decoder training uses. A
+    read that storage fails transiently is retried for up to retry_seconds, never counted as a
+    bad image."""
     def check(index):
         content = files.retrying(lambda: files.read_bytes(paths[index]), retry_seconds,
                                  f"reading {paths[index]}")
+        digest = hashlib.blake2b(content, digest_size=16).hexdigest()
         try:
             pixels = _header_pixels(content)
             if pixels is not None and pixels > max_pixels:
-                return index, f"more than --max_image_pixels={max_pixels} pixels"
+                return digest, f"more than --max_image_pixels={max_pixels} pixels"
             tf.io.decode_image(content, channels=3, expand_animations=False)
         except tf.errors.InvalidArgumentError:
-            return index, "cannot be decoded"
-        return index, None
+            return digest, "cannot be decoded"
+        return digest, None
 
     # Threads: remote reads wait on the network, and TensorFlow's decoder releases the GIL. A
     # few, since each may hold a decoded image of up to max_pixels.
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return {index: why for index, why in pool.map(check, range(len(paths))) if why}
+        checked = list(pool.map(check, range(len(paths))))
+    return ({index: why for index, (_, why) in enumerate(checked) if why},
+            np.array([digest for digest, _ in checked]))
 
 
 def _header_pixels(content):
@@ -192,9 +204,10 @@ def _header_pixels(content):
 
 
 def _drop_unreadable(split, split_root, class_names, max_pixels, retry_seconds):
-    bad = find_unreadable(split.paths, max_pixels, retry_seconds)
+    bad, digests = find_unreadable(split.paths, max_pixels, retry_seconds)
     drop = sorted(bad)
-    kept = Split(np.delete(split.paths, drop), np.delete(split.labels, drop))
+    kept = dataclasses.replace(split, digests=digests).subset(
+        np.setdiff1d(np.arange(len(split)), drop))
     for label, count in enumerate(kept.class_counts(len(class_names))):
         if not count:
             raise UserError(f"class folder {files.join(split_root, class_names[label])} holds "
@@ -210,8 +223,7 @@ def _stratified_split(split, fraction, seed):
         members = rng.permutation(np.flatnonzero(split.labels == label))
         count = min(len(members) - 1, max(1, round(len(members) * fraction)))
         held[members[:count]] = True
-    return (Split(split.paths[~held], split.labels[~held]),
-            Split(split.paths[held], split.labels[held]))
+    return split.subset(~held), split.subset(held)
 
 
 # -- prepared TFRecords ----------------------------------------------------------------------
@@ -292,6 +304,23 @@ def _open_tfds(name, options, validation_split):
         result.append(Split(paths, labels, tfds=(builder, split)))
     return Source(f"tfds:{name}", list(class_names), result[0], result[1],
                   f"TFDS split {validation}", [])
+
+
+def fingerprint(split):
+    """A digest of what a split's examples are, in order: for image files their paths,
+    labels and content hashes; for TFRecord shards, the records' paths and labels and the
+    shards' names and sizes; for TFDS, the split and the prepared dataset's info."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([split.paths.tolist(), split.labels.tolist()]).encode())
+    if split.tfds is not None:
+        builder, name = split.tfds
+        digest.update(json.dumps([str(name), builder.info.as_json]).encode())
+    elif split.shards is not None:
+        digest.update(json.dumps([[shard, tf.io.gfile.stat(shard).length]
+                                  for shard in split.shards]).encode())
+    else:
+        digest.update(json.dumps(split.digests.tolist()).encode())
+    return digest.hexdigest()
 
 
 # -- what the data says about the job --------------------------------------------------------

@@ -39,7 +39,7 @@ def main(argv):
     # that --help and a wrong flag answer at once.
     with quiet_tensorflow_load():
         import tensorflow as tf
-    from trainer import model, outputs, train
+    from trainer import files, model, outputs, train
     tf.get_logger().setLevel("ERROR")
     model.check(config.backbone, config.image_size, config.base_weights)
     layout = outputs.Layout.of(config.model_dir)
@@ -55,6 +55,8 @@ def main(argv):
         return
     _announce(config, run)
     outputs.ensure_writable(layout)
+    if config.feature_cache:
+        files.check_reachable(config.feature_cache)
     with errors.from_tensorflow(config.data, run.kind == "multiworker"), \
             lease.held(config.model_dir, run.chief):
         if state == "overwrite" and run.chief:
@@ -129,6 +131,10 @@ def _announce_inputs(trainer):
     for phase in trainer.schedule.phases:
         print(f"phase {phase.name} trains on {trainer.inputs[phase.name].description}",
               flush=True)
+    if trainer.shared and not any(trainer.inputs[phase.name].cached
+                                  for phase in trainer.schedule.phases):
+        print(f"--feature_cache={trainer.config.feature_cache} is not used: no phase trains "
+              "on what the backbone computes once", flush=True)
 
 
 @contextlib.contextmanager
@@ -152,7 +158,7 @@ def _dry_run_plan(config, run, layout, state):
     counts = model.trainable_parameters(classifier, fine_tune_at)
     inputs = cache.phase_inputs(config, cache.fine_tune_cut(config, classifier, fine_tune_at))
     return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
-                         counts, inputs)
+                         counts, inputs, config.head_settings())
 
 
 def _restore(trainer, layout, config, chief):
@@ -188,14 +194,17 @@ def _evaluate_and_export(trainer, config, layout, chief):
 def _write_report(trainer, evaluation, config, layout, resumed_step, began):
     """The chief's outputs besides the export: model.tflite, report.png, metrics.json, the
     tuning metric, and the closing line."""
-    from trainer import export, outputs, report
+    from trainer import export, outputs, report, sweep
     print("writing report.png and metrics.json", flush=True)
     if config.export_tflite:
         export.export_tflite(trainer.classifier.inference, config.image_size,
                              layout.path("model.tflite"))
     history, source = trainer.history, trainer.source
+    head_sweep = None
+    if len(trainer.head_settings) > 1:
+        head_sweep = sweep.summary(trainer.head_settings, trainer.head_histories, trainer.chosen)
     report.plot(history, evaluation["confusion_matrix"], source.class_names,
-                layout.path("report.png"))
+                layout.path("report.png"), head_sweep)
     final = history[-1]
     resumed_epoch = None if resumed_step is None else (
         resumed_step // trainer.schedule.steps_per_epoch)
@@ -217,6 +226,7 @@ def _write_report(trainer, evaluation, config, layout, resumed_step, began):
         "cached_features": [phase.name for phase in trainer.schedule.phases
                             if trainer.inputs[phase.name].cached],
         "cache_bytes_per_image": trainer.cache_bytes_per_image,
+        "head_sweep": head_sweep,
         **evaluation,
         "wall_seconds": round(time.time() - began, 1),
     })

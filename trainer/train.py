@@ -20,13 +20,13 @@ into memory, or streamed and decoded every epoch.
 import contextlib
 import dataclasses
 import json
-import math
 import shutil
 import signal
 import sys
 import tempfile
 import time
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -38,6 +38,7 @@ from trainer import files
 from trainer import model as model_lib
 from trainer import pipelines
 from trainer import sources
+from trainer import sweep
 from trainer.errors import UserError
 
 
@@ -121,24 +122,43 @@ class Trainer:
         self.execution = execution
         self.classifier = classifier
         self.source = source
+        self.chief = chief
         self.fine_tune_at = model_lib.fine_tune_layer(config.backbone, config.fine_tune_at)
         self.cut = cache.fine_tune_cut(config, classifier, self.fine_tune_at)
         self.inputs = cache.phase_inputs(config, self.cut)
         self.phase_seconds = {}  # wall time of each phase in this process, caching included
         self.cache_bytes_per_image = 0  # of what the backbone pass cached, all phases
         self.history = []        # one record per finished epoch, both phases
-        self._sums = [0.0, 0.0, 0.0]  # loss, correct and count of the epoch so far
+        # Loss, correct and count of the epoch so far, a row per model trained (None: zero).
+        self._sums = None
         self._stop_requested = None  # the signal that asked this process to stop
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self._store = cache.Store(config.memory_budget_mb * 2**20)
         self._decoded = None  # images decoded once, for the phases that read images
         self._cache = {}  # phase name: [train, validation] cached inputs, lists of arrays
+        self.shared = cache.SharedCache(config.feature_cache) if config.feature_cache else None
+        self._common_key = None  # the job-wide part of a --feature_cache key, once needed
+        self._versions = {}  # --feature_cache entry: the version a publish is conditional on
         # (model, validation inputs) of the cached phase being trained, for the final report.
         self._validation = None
         self.class_weights = tf.constant(
             sources.class_weights(source.train, len(source.class_names)) if
             config.class_weight == "auto" else np.ones(len(source.class_names)), tf.float32)
+        # The phase-1 settings of each head, a point of --head_sweep's grid each (else one):
+        # the first is the classifier's own head, the others copies of it (see sweep.py).
+        self.head_settings = config.head_settings()
+        self.chosen = 0 if len(self.head_settings) == 1 else None  # the head phase 2 takes
+        self.head_histories = [[] for _ in self.head_settings]
+        self.label_smoothing = self.head_settings[0]["label_smoothing"]
+        with strategy.scope():
+            self.heads = [classifier.head] + [model_lib.copy_head(classifier.head)
+                                              for _ in self.head_settings[1:]]
+        for head, point in zip(self.heads, self.head_settings):
+            model_lib.set_dropout(head, point["dropout"])
         self.optimizers = self._build_optimizers()
+        self.head_optimizers = [self.optimizers.get("head")] + [
+            self._optimizer(point["learning_rate"], head.trainable_variables)
+            for head, point in zip(self.heads[1:], self.head_settings[1:])]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.state = tf.Variable("{}", dtype=tf.string, trainable=False)
         # Workers other than the chief save and export to a scratch folder they delete.
@@ -146,26 +166,42 @@ class Trainer:
         self.checkpoints = checkpoints.Checkpoints(tf.train.Checkpoint(
             model=classifier.model, step=self.step, state=self.state,
             random_state=model_lib.random_state(classifier.model),
+            sweep_heads=self.heads[1:], sweep_optimizers=self.head_optimizers[1:],
+            sweep_random_state=[variable for head in self.heads[1:]
+                                for variable in model_lib.random_state(head)],
             **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()}),
             checkpoint_dir, checkpoint_dir if chief else self.scratch)
-        self.writers = None
-        if chief:
-            self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
-                            for split in ("train", "validation")}
+        self.log_dir = log_dir
+        self.writers = self._writers(log_dir) if chief else None
+        self._head_writers = {}  # a head of --head_sweep's name: its writers
+
+    def _writers(self, log_dir):
+        return {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
+                for split in ("train", "validation")}
 
     def _build_optimizers(self):
         """One optimizer per phase, built for that phase's trainable variables, so that both
         are in every checkpoint from the start."""
         optimizers = {}
-        with self.strategy.scope():
-            for phase in self.schedule.phases:
-                optimizer = keras.optimizers.Adam(phase.learning_rate)
-                if self.execution.policy == "mixed_float16":
-                    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-                model_lib.set_phase(self.classifier, phase.name, self.fine_tune_at)
-                optimizer.build(self.classifier.model.trainable_variables)
-                optimizers[phase.name] = optimizer
+        for phase in self.schedule.phases:
+            model_lib.set_phase(self.classifier, phase.name, self.fine_tune_at)
+            optimizers[phase.name] = self._optimizer(self._learning_rates(phase)[0],
+                                                     self.classifier.model.trainable_variables)
         return optimizers
+
+    def _optimizer(self, learning_rate, variables):
+        with self.strategy.scope():
+            optimizer = keras.optimizers.Adam(learning_rate)
+            if self.execution.policy == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(variables)
+        return optimizer
+
+    def _learning_rates(self, phase):
+        """The learning rate of each model `phase` trains."""
+        if phase.name == "head":
+            return [point["learning_rate"] for point in self.head_settings]
+        return [phase.learning_rate]
 
     def __enter__(self):
         return self
@@ -187,11 +223,17 @@ class Trainer:
             return None
         state = json.loads(self.state.numpy().decode())
         self.history = state.get("history", [])
-        self._sums = state.get("sums", [0.0, 0.0, 0.0])
+        sums = state.get("sums")
+        self._sums = None if sums is None else np.reshape(sums, (-1, 3))
+        self.head_histories = state.get("head_histories", self.head_histories)
+        if state.get("chosen") is not None and self.chosen is None:
+            self._take_head(state["chosen"], copy_weights=False)  # the checkpoint has them
         return int(self.step.numpy())
 
     def _save(self):
-        self.state.assign(json.dumps({"history": self.history, "sums": self._sums}))
+        self.state.assign(json.dumps({
+            "history": self.history, "sums": None if self._sums is None else self._sums.tolist(),
+            "head_histories": self.head_histories, "chosen": self.chosen}))
         self.checkpoints.save(int(self.step.numpy()))
 
     # -- the loop ----------------------------------------------------------------------------
@@ -206,6 +248,7 @@ class Trainer:
         --storage_retry_seconds; the data order follows from the step, so nothing is lost but
         the steps since that checkpoint."""
         if int(self.step.numpy()) >= self.schedule.end_step(phase):
+            self._end_phase(phase)
             return self.history
         began = time.time()
         backoff = files.Backoff(self.config.storage_retry_seconds)
@@ -222,8 +265,36 @@ class Trainer:
                         raise  # every worker must restart together: a one-line error
                     backoff.wait(error, f"training (phase {phase.name})")
                     failed = True
+        self._end_phase(phase)
         self.phase_seconds[phase.name] = round(time.time() - began, 2)
         return self.history
+
+    def _end_phase(self, phase):
+        """After phase 1 of --head_sweep: the best head becomes the classifier's, and the run
+        goes on with its settings and its curve (a rerun finds the choice checkpointed)."""
+        if phase.name != "head" or self.chosen is not None:
+            return
+        chosen = sweep.choose(self.head_histories)
+        self._take_head(chosen, copy_weights=True)
+        self.history = self.head_histories[chosen] + self.history
+        print(sweep.table(self.head_settings, self.head_histories, chosen), flush=True)
+        if self.writers:
+            for record in self.head_histories[chosen]:
+                self._summarise(record, self.writers)
+        self._save()
+
+    def _take_head(self, index, copy_weights):
+        if copy_weights and index:
+            for target, source in zip(self.classifier.head.variables, self.heads[index].variables):
+                target.assign(source)
+        point = self.head_settings[index]
+        model_lib.set_dropout(self.classifier.head, point["dropout"])
+        self.label_smoothing = point["label_smoothing"]
+        self.chosen = index
+
+    def _sweeping(self, phase):
+        """Whether `phase` trains the heads of --head_sweep side by side."""
+        return phase.name == "head" and self.chosen is None
 
     def _fit_from_current_step(self, phase):
         steps_per_epoch = self.schedule.steps_per_epoch
@@ -244,22 +315,25 @@ class Trainer:
         epoch_end = (epoch + 1) * steps_per_epoch
         progress = _progress_bar(steps_per_epoch)
         step, stop = int(self.step.numpy()), False
-        count_before = self._sums[2]  # images of this epoch trained before a resume
+        if self._sums is None:
+            self._sums = np.zeros((len(self._models(phase)), 3))
+        count_before = self._sums[0, 2]  # images of this epoch trained before a resume
         while step < epoch_end:
             steps = self._chunk(step, epoch_end)
-            *sums, stops = train_steps(iterator, tf.constant(steps),
-                                       tf.constant(float(bool(self._stop_requested)))).numpy()
+            sums, stops = train_steps(iterator, tf.constant(steps),
+                                      tf.constant(float(bool(self._stop_requested))))
+            sums = sums.numpy().astype(np.float64)
             step += steps
-            if not math.isfinite(sums[0]):
-                raise UserError(f"training loss became {sums[0]} by step {step} (epoch "
+            if not np.isfinite(sums[:, 0]).any():
+                raise UserError(f"training loss became {sums[0, 0]} by step {step} (epoch "
                                 f"{epoch + 1}, phase {phase.name}); the last good checkpoint "
                                 "was kept: lower the learning rate and run again")
-            self._sums = [total + float(value) for total, value in zip(self._sums, sums)]
+            self._sums = self._sums + sums
             self.step.assign(step)
-            stop = stops > 0
-            if self.writers and itstime(step, self.config.log_every_steps):
+            stop = float(stops) > 0
+            if self.writers and len(sums) == 1 and itstime(step, self.config.log_every_steps):
                 with self.writers["train"].as_default(step=step):
-                    tf.summary.scalar("step_loss", sums[0] / sums[2])
+                    tf.summary.scalar("step_loss", sums[0, 0] / sums[0, 2])
             if progress:
                 progress.update(step - epoch * steps_per_epoch, self._running_metrics())
             if step < epoch_end and (stop or itstime(step, self.config.checkpoint_every_steps)):
@@ -267,7 +341,7 @@ class Trainer:
             if stop and step < epoch_end:
                 raise Preempted(step, self._stop_requested or signal.SIGTERM)
         self._end_epoch(phase, epoch, evaluate, time.time() - began,
-                        self._sums[2] - count_before)
+                        self._sums[0, 2] - count_before)
         if stop:
             raise Preempted(step, self._stop_requested or signal.SIGTERM)
 
@@ -281,25 +355,30 @@ class Trainer:
         return min(self.execution.steps_per_execution, end - step)
 
     def _running_metrics(self):
-        loss, correct, count = self._sums
+        loss, correct, count = self._sums[0]
         return [("loss", loss / count), ("accuracy", correct / count)]
 
     def _end_epoch(self, phase, epoch, evaluate, seconds, trained):
         """Validates, records and checkpoints an epoch. seconds: its training time in this
         process, validation apart, in which `trained` images went through training."""
         began = time.time()
-        val_loss, val_accuracy = evaluate()
-        loss, correct, count = self._sums
-        record = {"epoch": epoch + 1, "phase": phase.name, "loss": loss / count,
-                  "accuracy": correct / count, "val_loss": val_loss,
-                  "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
-                  "images_per_second": round(trained / max(seconds, 1e-6), 1),
-                  "val_seconds": round(time.time() - began, 3),
-                  "learning_rate": phase.learning_rate}
-        self.history.append(record)
-        self._sums = [0.0, 0.0, 0.0]
+        validation = evaluate()
+        val_seconds = round(time.time() - began, 3)
+        records = [{"epoch": epoch + 1, "phase": phase.name, "loss": loss / count,
+                    "accuracy": correct / count, "val_loss": val_loss,
+                    "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
+                    "images_per_second": round(trained / max(seconds, 1e-6), 1),
+                    "val_seconds": val_seconds, "learning_rate": learning_rate}
+                   for (loss, correct, count), (val_loss, val_accuracy), learning_rate
+                   in zip(self._sums.tolist(), validation, self._learning_rates(phase))]
+        if self._sweeping(phase):
+            for history, record in zip(self.head_histories, records):
+                history.append(record)
+        else:
+            self.history.append(records[0])
+        self._sums = None
         self._save()
-        self._log_epoch(record)
+        self._log_epoch(records, phase)
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -327,21 +406,44 @@ class Trainer:
             self._save()
             raise Preempted(int(self.step.numpy()), self._stop_requested)
 
-    def _log_epoch(self, record):
+    def _log_epoch(self, records, phase):
+        """The epoch's line, and its TensorBoard scalars: under the run's train/ and
+        validation/, or, for the heads of --head_sweep, under head_sweep/<head>/."""
+        record = records[0]
+        if self._sweeping(phase):
+            names = sweep.varied(self.head_settings)
+            best = sweep.choose([[each] for each in records])
+            figures = (f"{len(records)} heads, best val_accuracy "
+                       f"{records[best]['val_accuracy']:.4f} "
+                       f"({sweep.label(self.head_settings[best], names)})")
+        else:
+            figures = (f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
+                       f"val_loss {record['val_loss']:.4f} "
+                       f"val_accuracy {record['val_accuracy']:.4f}")
         print(f"epoch {record['epoch']}/{self.schedule.fine_tune.end_epoch} [{record['phase']}] "
-              f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
-              f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} "
-              f"train {record['seconds']:.1f}s {record['images_per_second']:.0f} images/s, "
-              f"validation {record['val_seconds']:.1f}s", flush=True)
-        if self.writers:
-            for split, prefix in (("train", ""), ("validation", "val_")):
-                with self.writers[split].as_default(step=record["epoch"]):
-                    tf.summary.scalar("epoch_loss", record[f"{prefix}loss"])
-                    tf.summary.scalar("epoch_accuracy", record[f"{prefix}accuracy"])
-                    if split == "train":
-                        tf.summary.scalar("learning_rate", record["learning_rate"])
-                        tf.summary.scalar("images_per_second", record["images_per_second"])
-                self.writers[split].flush()
+              f"{figures} train {record['seconds']:.1f}s {record['images_per_second']:.0f} "
+              f"images/s, validation {record['val_seconds']:.1f}s", flush=True)
+        if not self.writers:
+            return
+        if not self._sweeping(phase):
+            self._summarise(record, self.writers)
+            return
+        names = sweep.varied(self.head_settings)
+        for point, each in zip(self.head_settings, records):
+            folder = sweep.label(point, names).replace(", ", ",")
+            if folder not in self._head_writers:
+                self._head_writers[folder] = self._writers(f"{self.log_dir}/head_sweep/{folder}")
+            self._summarise(each, self._head_writers[folder])
+
+    def _summarise(self, record, writers):
+        for split, prefix in (("train", ""), ("validation", "val_")):
+            with writers[split].as_default(step=record["epoch"]):
+                tf.summary.scalar("epoch_loss", record[f"{prefix}loss"])
+                tf.summary.scalar("epoch_accuracy", record[f"{prefix}accuracy"])
+                if split == "train":
+                    tf.summary.scalar("learning_rate", record["learning_rate"])
+                    tf.summary.scalar("images_per_second", record["images_per_second"])
+            writers[split].flush()
 
     # -- what a phase reads ------------------------------------------------------------------
 
@@ -350,6 +452,10 @@ class Trainer:
         if not self.inputs[phase.name].cached:
             return self.classifier.model
         return self.classifier.head if phase.name == "head" else self.cut.top
+
+    def _models(self, phase):
+        """The models a training step trains: every head of --head_sweep, else one."""
+        return [self._model(phase)] + (self.heads[1:] if self._sweeping(phase) else [])
 
     def _phase_inputs(self, phase, first_step):
         """(training batches from first_step to the end of the phase, a function validating
@@ -365,18 +471,18 @@ class Trainer:
             model = self._model(phase)
             self._validation = (model, validation_inputs)
             return (self._arrays(train_inputs, train, order, weights),
-                    self._evaluation(model, validation_inputs))
+                    self._evaluation(self._models(phase), validation_inputs))
         if self._decoded is None:
             self._decoded = self._decode_once() or ()
         if self._decoded:
             train_images, validation_images = self._decoded
             return (self._arrays(train_images, train, order, weights),
-                    self._evaluation(self.classifier.model, validation_images))
+                    self._evaluation([self.classifier.model], validation_images))
         stream = self.strategy.distribute_datasets_from_function(
             lambda context: pipelines.training_pipeline(
                 train, first_step, end_step, batch, self.config.image_size,
                 self.config.seed, context, self.config.deterministic))
-        return stream, self._evaluation(self.classifier.model)
+        return stream, self._evaluation([self.classifier.model])
 
     def _images(self, split, order, weights):
         batch, size = self.schedule.global_batch, self.config.image_size
@@ -393,7 +499,8 @@ class Trainer:
         """[train, validation] cached inputs of `phase`, each a list of arrays with a row an
         example. The first call computes them together with those of the cached phase still
         to come: one backbone pass for both phases (the frozen part does not change in
-        either)."""
+        either). With --feature_cache, what is found there is read instead, and what is
+        computed is published there for later jobs."""
         if phase.name in self._cache:
             if phase.name == "fine_tune":
                 self._cache.pop("head", None)  # the backbone changes from here on
@@ -402,26 +509,97 @@ class Trainer:
         wanted = [later.name for later in self.schedule.phases
                   if self.inputs[later.name].cached and step < self.schedule.end_step(later)
                   and later.end_epoch >= phase.end_epoch]
+        keys = {name: self._entry_key(name) for name in wanted} if self.shared else {}
+        began = time.time()
+        found = self._read_shared(keys)
+        missing = self._everywhere([name for name in wanted if name not in found])
+        read = [name for name in wanted if name not in missing]
+        self._cache.update({name: found[name] for name in read})
+        if read:
+            self._announce_cache(read, f"read {{}} from --feature_cache {self.shared.folder} in "
+                                       f"{time.time() - began:.1f}s, no backbone pass")
+        if missing:
+            self._compute_cache(missing)
+            if self.chief:
+                self._publish_shared({name: keys[name] for name in missing if name in keys})
+        return self._cache[phase.name]
+
+    def _compute_cache(self, names):
+        """The backbone pass: what phases `names` train on, into self._cache."""
         features = self.classifier.features
         outputs = {"head": [(features.output_shape[1:], np.float32)]}
         if self.cut:
             outputs["fine_tune"] = [(shape, np.float16) for shape in self.cut.shapes]
-        if wanted == ["head"]:
+        if names == ["head"]:
             model = features
         else:  # the phase-1 features come out of the top of the same pass
-            model = self.cut.bottom if wanted == ["fine_tune"] else self.cut.both
+            model = self.cut.bottom if names == ["fine_tune"] else self.cut.both
         began = time.time()
         splits = [self._outputs(lambda images: model(images, training=False),
-                                [spec for name in wanted for spec in outputs[name]], split)
+                                [spec for name in names for spec in outputs[name]], split)
                   for split in (self.source.train, self.source.validation)]
-        for name in wanted:
+        for name in names:
             count = len(outputs[name])
             self._cache[name] = [arrays[:count] for arrays in splits]
             splits = [arrays[count:] for arrays in splits]
-        self._announce_cache(wanted, time.time() - began)
-        return self._cache[phase.name]
+        self._announce_cache(names, f"cached {{}} in {time.time() - began:.1f}s")
 
-    def _announce_cache(self, names, seconds):
+    # -- --feature_cache (see cache.SharedCache) ---------------------------------------------
+
+    def _entry_key(self, name):
+        if self._common_key is None:
+            self._common_key = cache.common_key(self.config, self.execution.policy, self.source)
+        computing = self.classifier.features if name == "head" else self.cut.bottom
+        return cache.entry_key(self._common_key, name, computing, self.cut)
+
+    def _read_shared(self, keys):
+        """{phase name: [train, validation] arrays} of the entries found whole for `keys`; a
+        damaged one is reported and left to be computed again."""
+        found = {}
+        for name, key in keys.items():
+            entry = cache.entry_name(key)
+            try:
+                content, self._versions[entry] = self.shared.read(entry)
+                if content is None:
+                    continue
+                found[name] = [[self._store.copy(array, array.dtype) for array in arrays]
+                               for arrays in cache.decode(content, key)]
+            except cache.Damaged as damaged:
+                logging.warning("feature cache entry %s is damaged (%s): computing it again",
+                                self.shared.path(entry), damaged)
+            except self.shared.transient as error:
+                logging.warning("could not read the feature cache entry %s (%s): computing it",
+                                self.shared.path(entry), errors.first_line(error))
+        return found
+
+    def _publish_shared(self, keys):
+        for name, key in keys.items():
+            entry = cache.entry_name(key)
+            try:
+                published = self.shared.publish(entry, cache.encode(key, self._cache[name]),
+                                                 self._versions.get(entry))
+            except self.shared.transient as error:
+                logging.warning("could not write the feature cache entry %s (%s): later jobs "
+                                "compute it again", self.shared.path(entry),
+                                errors.first_line(error))
+                continue
+            print(f"{'kept' if published else 'another job kept'} {cache.describe(key)} in "
+                  f"{self.shared.path(entry)} for later jobs with the same key", flush=True)
+
+    def _everywhere(self, names):
+        """Of `names`, those missing on any worker: every worker must run the backbone pass
+        together (its gathers are collective), so one that misses an entry makes all run."""
+        if not self._multiworker:
+            return names
+        phases = ("head", "fine_tune")
+        flags = tf.constant([float(name in names) for name in phases])
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                     self.strategy.run(tf.function(lambda: tf.identity(flags))),
+                                     axis=None)
+        return [name for name, count in zip(phases, total.numpy()) if count > 0]
+
+    def _announce_cache(self, names, how):
+        """how: what was done, with {} for what it was done to."""
         parts = {"head": ("backbone features", "the head trains on the features")}
         if self.cut:
             parts["fine_tune"] = (f"activations entering layer {self.cut.layer}",
@@ -429,15 +607,16 @@ class Trainer:
         what, who = zip(*(parts[name] for name in names))
         arrays = [array for name in names for split in self._cache[name] for array in split]
         size = sum(array.nbytes for array in arrays)
-        self.cache_bytes_per_image = size // (len(self.source.train) + len(self.source.validation))
+        images = len(self.source.train) + len(self.source.validation)
+        self.cache_bytes_per_image = sum(array.nbytes for splits in self._cache.values()
+                                         for split in splits for array in split) // images
         on_disk = any(isinstance(array, np.memmap) for array in arrays)
         stored = ("; activations as " + ", ".join(sorted({array.dtype.name for array in
                                                          self._cache["fine_tune"][0]}))
                   if "fine_tune" in names else "")
-        print(f"cached {' and '.join(what)} of "
-              f"{len(self.source.train)} train and {len(self.source.validation)} validation "
-              f"images in {seconds:.1f}s ({size / 2**20:.1f} MB, "
-              f"{self.cache_bytes_per_image / 1024:.1f} KB an image{stored}"
+        done = how.format(f"{' and '.join(what)} of {len(self.source.train)} train and "
+                          f"{len(self.source.validation)} validation images")
+        print(f"{done} ({size / 2**20:.1f} MB, {size / images / 1024:.1f} KB an image{stored}"
               f"{', in files in the temp dir' if on_disk else ''}): "
               f"{'; '.join(who)} (--cache_features)", flush=True)
 
@@ -490,44 +669,57 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _train_function(self, phase):
-        """A function running `steps` training steps; returns summed (loss, correct, count,
-        stop), where stop > 0 if any worker was asked to stop. On cached inputs the steps run
-        the head or the top alone: the same variables, loss and optimizer as the whole model."""
+    def _learners(self, phase):
+        """(model, variables, optimizer, label smoothing) of each model a training step trains.
+        On cached inputs the step runs the head or the top alone: the same variables, loss and
+        optimizer as the whole model."""
         model_lib.set_phase(self.classifier, phase.name, self.fine_tune_at)
-        variables = self.classifier.model.trainable_variables
-        model = self._model(phase)
-        optimizer = self.optimizers[phase.name]
+        first = (self._model(phase), self.classifier.model.trainable_variables,
+                 self.optimizers[phase.name], self.label_smoothing)
+        if not self._sweeping(phase):
+            return [first]
+        return [first] + [(head, head.trainable_variables, optimizer, point["label_smoothing"])
+                          for head, optimizer, point in zip(self.heads[1:],
+                                                            self.head_optimizers[1:],
+                                                            self.head_settings[1:])]
+
+    def _train_function(self, phase):
+        """A function running `steps` training steps; returns the summed (loss, correct,
+        count) of each model trained, and stop > 0 if any worker was asked to stop."""
+        learners = self._learners(phase)
         global_batch = self.schedule.global_batch
-        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         class_weights = self.class_weights
 
-        def replica_step(images, labels, weights, stop):
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                per_example = keras.losses.sparse_categorical_crossentropy(
-                    labels, logits, from_logits=True)
-                loss_weights = weights * tf.gather(class_weights, labels)
-                loss = tf.reduce_sum(per_example * loss_weights) / global_batch
-                if scaled:
-                    loss = optimizer.scale_loss(loss)
-            gradients = tape.gradient(loss, variables)
-            optimizer.apply_gradients(zip(gradients, variables))
+        def replica_step(inputs, labels, weights, stop):
+            sums = []
+            for model, variables, optimizer, smoothing in learners:
+                with tf.GradientTape() as tape:
+                    logits = model(inputs, training=True)
+                    per_example = _loss(labels, logits, smoothing)
+                    loss_weights = weights * tf.gather(class_weights, labels)
+                    loss = tf.reduce_sum(per_example * loss_weights) / global_batch
+                    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                        loss = optimizer.scale_loss(loss)
+                gradients = tape.gradient(loss, variables)
+                optimizer.apply_gradients(zip(gradients, variables))
+                sums.append(tf.stack(_sums(labels, logits, per_example, weights)))
             # Every worker learns at this same step whether any of them was told to stop.
             stop_anywhere = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, tf.identity(stop))
-            return _sums(labels, logits, per_example, weights) + (stop_anywhere,)
+            return tf.stack(sums), stop_anywhere
 
         if self.execution.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
         @tf.function
         def train_steps(iterator, steps, stop):
-            totals = tf.zeros([4])
+            totals, stops = tf.zeros([len(learners), 3]), tf.zeros([])
             for _ in tf.range(steps):
-                per_replica = self.strategy.run(replica_step, args=next(iterator) + (stop,))
-                totals += tf.stack(self._reduce(per_replica))
-            return totals
+                sums, stop_anywhere = self._reduce(
+                    self.strategy.run(replica_step, args=next(iterator) + (stop,)))
+                totals += sums
+                stops += stop_anywhere
+            return totals, stops
 
         return train_steps
 
@@ -535,9 +727,10 @@ class Trainer:
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for value in per_replica]
 
-    def _evaluation(self, model, arrays=None):
-        """A function computing (loss, accuracy) over the validation split, each example once,
-        from image files or from arrays of decoded images or cached inputs."""
+    def _evaluation(self, models, arrays=None):
+        """A function computing the (loss, accuracy) of each model over the validation split,
+        each example once, from image files or from arrays of decoded images or cached
+        inputs. The loss is the plain cross-entropy, whatever the label smoothing."""
         split = self.source.validation
         batch = self.schedule.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
@@ -545,21 +738,21 @@ class Trainer:
                    else self._images(split, order, weights))
 
         def replica_step(inputs, labels, weights):
-            logits = model(inputs, training=False)
-            per_example = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True)
-            return _sums(labels, logits, per_example, weights)
+            return tf.stack([tf.stack(_sums(labels, logits, _loss(labels, logits), weights))
+                             for logits in (model(inputs, training=False) for model in models)])
 
         @tf.function
         def eval_step(iterator):
-            return self._reduce(self.strategy.run(replica_step, args=next(iterator)))
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                        self.strategy.run(replica_step, args=next(iterator)),
+                                        axis=None)
 
         def evaluate():
             iterator = iter(dataset)
-            totals = np.zeros(3)
+            totals = np.zeros((len(models), 3))
             for _ in range(len(order) // batch):
-                totals += [float(value) for value in eval_step(iterator)]
-            return totals[0] / totals[2], totals[1] / totals[2]
+                totals += eval_step(iterator).numpy()
+            return [(loss / count, correct / count) for loss, correct, count in totals.tolist()]
 
         return evaluate
 
@@ -582,6 +775,16 @@ class Trainer:
                                      [(inference.output_shape[1:], np.float32)],
                                      self.source.validation)
         return tf.nn.softmax(logits).numpy()
+
+
+def _loss(labels, logits, label_smoothing=0.0):
+    """Cross-entropy of each example; with label smoothing, against targets of
+    1 - smoothing + smoothing / classes for the label, smoothing / classes elsewhere."""
+    if not label_smoothing:
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    targets = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    return keras.losses.categorical_crossentropy(targets, logits, from_logits=True,
+                                                 label_smoothing=label_smoothing)
 
 
 def _sums(labels, logits, per_example, weights):

@@ -1,0 +1,120 @@
+"""--feature_cache: what the backbone pass gives, kept for later jobs with the same key."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from tests import images
+from tests.test_train import tiny_data, tiny_trainer
+from trainer import cache
+
+KEY = {"backbone": "small_cnn", "image_size": 16, "outputs": "pooled backbone features"}
+
+
+def _splits():
+    rng = np.random.default_rng(0)
+    return [[rng.normal(size=(8, 4)).astype(np.float32),
+             rng.normal(size=(8, 2, 2, 3)).astype(np.float16)],
+            [rng.normal(size=(2, 4)).astype(np.float32),
+             rng.normal(size=(2, 2, 2, 3)).astype(np.float16)]]
+
+
+def test_an_entry_reads_back_exactly_what_was_written():
+    splits = _splits()
+    decoded = cache.decode(cache.encode(KEY, splits), KEY)
+    for written, read in zip(sum(splits, []), sum(decoded, [])):
+        assert read.dtype == written.dtype
+        np.testing.assert_array_equal(read, written)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda content: content[:len(content) // 2], "cut short or altered"),
+    (lambda content: content[:-1] + bytes([content[-1] ^ 1]), "cut short or altered"),
+    (lambda content: content + b"\0", "bytes past its arrays"),
+    (lambda content: content[:40], "header is cut short"),
+    (lambda content: b"", "not a feature cache entry"),
+])
+def test_a_damaged_entry_is_never_trusted(damage, reason):
+    content = damage(cache.encode(KEY, _splits()))
+    with pytest.raises(cache.Damaged, match=reason):
+        cache.decode(content, KEY)
+
+
+def test_an_entry_of_another_key_is_never_used():
+    content = cache.encode(KEY, _splits())
+    with pytest.raises(cache.Damaged, match="another key"):
+        cache.decode(content, {**KEY, "image_size": 32})
+
+
+def _run(tmp_path, name, data, capsys, other_weights=False, **settings):
+    """(stdout, history, entry files) of a tiny run sharing tmp_path/'shared'."""
+    shared = str(tmp_path / "shared")
+    with tiny_trainer(tmp_path / name, data=data, feature_cache=shared, **settings) as trainer:
+        if other_weights:  # as another weights file would give
+            trainer.classifier.backbone.weights[0].assign_add(0.01)
+        trainer.fit(trainer.schedule.head)
+        trainer.fit(trainer.schedule.fine_tune)
+        history = trainer.history
+    return capsys.readouterr().out, history, sorted(os.listdir(shared))
+
+
+def _losses(history):
+    return [(row["loss"], row["val_loss"], row["val_accuracy"]) for row in history]
+
+
+def test_a_later_job_with_the_same_key_skips_the_backbone_pass(tmp_path, capsys):
+    data = tiny_data(tmp_path / "data")
+    first, history, entries = _run(tmp_path, "first", data, capsys)
+    assert "cached backbone features and activations entering layer 7" in first
+    assert [name.split("-")[2] for name in entries] == ["activations", "features"]
+    second, again, _ = _run(tmp_path, "second", data, capsys)
+    assert "cached backbone" not in second
+    assert ("read backbone features and activations entering layer 7 of 8 train and 2 "
+            f"validation images from --feature_cache {tmp_path / 'shared'}") in second
+    assert _losses(again) == _losses(history)
+
+
+def test_what_determines_an_entry_is_in_its_key(tmp_path, capsys):
+    data = tiny_data(tmp_path / "data")
+    _, _, entries = _run(tmp_path, "first", data, capsys)
+    # Another cut below --fine_tune_at: the features are those already kept.
+    out, _, more = _run(tmp_path, "cut", data, capsys, fine_tune_at=4)
+    assert "read backbone features of" in out and "cached activations entering layer" in out
+    assert len(more) == 3
+    # Other backbone weights: nothing is reused.
+    out, _, more = _run(tmp_path, "weights", data, capsys, other_weights=True)
+    assert "read " not in out and len(more) == 5
+    # One image's content changed, under the same name and size: nothing is reused.
+    images.save(sorted(_image_files(data))[0], colour=(1, 2, 3), size=16, seed=99)
+    out, _, more = _run(tmp_path, "changed", data, capsys)
+    assert "read " not in out and len(more) == 7
+
+
+def _image_files(folder):
+    return [os.path.join(root, name) for root, _, names in os.walk(folder)
+            for name in names if name.endswith(".jpg")]
+
+
+def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, caplog):
+    data = tiny_data(tmp_path / "data")
+    _, history, entries = _run(tmp_path, "first", data, capsys)
+    path = tmp_path / "shared" / entries[1]
+    path.write_bytes(path.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING):
+        out, again, _ = _run(tmp_path, "second", data, capsys)
+    assert f"feature cache entry {path} is damaged" in caplog.text
+    assert "read activations entering layer 7" in out and "cached backbone features" in out
+    assert _losses(again) == _losses(history)
+    out, _, _ = _run(tmp_path, "third", data, capsys)  # published whole again
+    assert "read backbone features and activations" in out
+
+
+def test_concurrent_publishers_leave_one_whole_entry(tmp_path):
+    shared = cache.SharedCache(str(tmp_path / "shared"))
+    contents = [cache.encode(KEY, _splits()) for _ in range(2)]
+    assert all(shared.publish("entry.bin", content, None) for content in contents)
+    content, _ = shared.read("entry.bin")
+    cache.decode(content, KEY)
+    assert os.listdir(tmp_path / "shared") == ["entry.bin"]  # no temporary left behind
