@@ -145,22 +145,32 @@ def median_row(rows):
             for key in ("head", "fine_tune", "process", "val_accuracy", "peak_mb", "cache_kb")}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description, epochs_help):
+    """The arguments both training benchmarks take."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", help="image folder (default: generate one)")
     parser.add_argument("--images", type=int, default=900)
-    parser.add_argument("--epochs", type=int, default=10, help="of each phase")
+    parser.add_argument("--epochs", type=int, default=10, help=epochs_help)
     parser.add_argument("--image_size", type=int, default=160)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base_weights", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    workdir = tempfile.mkdtemp(prefix="bench-train-")
+
+def set_up(args, prefix):
+    """(work folder, image folder, backbone weights file): generated unless given."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
     data = args.data or make_folder(os.path.join(workdir, "data"), args.images)
     weights = args.base_weights or os.path.join(workdir, "mobilenet_v2_bn.weights.h5")
     if not args.base_weights:  # in a process of its own, so that this one stays small
         timed([sys.executable, "-c", CALIBRATE, data, str(args.image_size), weights])
+    return workdir, data, weights
+
+
+def main():
+    args = arguments(__doc__.splitlines()[0], "of each phase")
+    workdir, data, weights = set_up(args, "bench-train-")
 
     runs = {"tutorial": [], "off": [], "auto": []}
     for _ in range(args.rounds):

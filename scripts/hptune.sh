@@ -10,7 +10,10 @@ Usage: scripts/hptune.sh --preset=cpu|gpu|multiworker|tpu --project=P --region=R
 Writes a HyperparameterTuningJob YAML and runs
 `gcloud ai hp-tuning-jobs create --config=<file>`. Each trial runs trainer.task with the
 trainer flags plus the tuned ones (--learning_rate, --fine_tune_at, --dropout by default);
-the trainer reports val_accuracy through cloudml-hypertune.
+the trainer reports val_accuracy through cloudml-hypertune. Trials share
+--feature_cache=BUCKET/feature_cache, so that those with the same data, backbone and
+weights run the backbone pass once between them; pass --feature_cache=... after -- to
+use another folder, or --feature_cache= to keep none.
 
 Trials run our image for the preset, as submit_job.sh's jobs do (see its --help for the
 one-time setup and scripts/build_image.sh).
@@ -49,6 +52,9 @@ require_basics
 [[ "$max_trials" =~ ^[0-9]+$ && "$parallel_trials" =~ ^[0-9]+$ ]] ||
   die "--max_trials and --parallel_trials must be numbers"
 [[ "${#ranges[@]}" -gt 0 ]] || die "nothing left to tune"
+if [[ " ${trainer_args[*]-} " != *" --feature_cache="* ]]; then
+  trainer_args+=("--feature_cache=$bucket/feature_cache")
+fi
 worker_pool_specs "$preset" "${trainer_args[@]+"${trainer_args[@]}"}"
 
 parameter_yaml() {

@@ -74,26 +74,37 @@ def _metrics(model_dir):
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
+    """(metrics, --feature_cache folder) of the job on one process."""
     model_dir = str(tmp_path_factory.mktemp("single") / "run")
-    process = run_module("trainer.task", f"--model_dir={model_dir}", "--strategy=cpu", *JOB)
+    shared = str(tmp_path_factory.mktemp("feature_cache"))
+    process = run_module("trainer.task", f"--model_dir={model_dir}", "--strategy=cpu",
+                         f"--feature_cache={shared}", *JOB)
     assert process.returncode == 0, process.stderr[-2000:]
-    return _metrics(model_dir)
+    return _metrics(model_dir), shared
 
 
+# With TF_CONFIG both workers find the backbone pass in the single process's --feature_cache;
+# with CLUSTER_SPEC, in a cache of their own, neither does: both run it, the chief keeps it.
 @pytest.mark.parametrize("variable", ["TF_CONFIG", "CLUSTER_SPEC"])
 def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
+    single_process, shared = single_process
+    if variable == "CLUSTER_SPEC":
+        shared = str(tmp_path / "feature_cache")
     model_dir = str(tmp_path / "run")
     ports = _free_ports(2)
     make = _tf_config if variable == "TF_CONFIG" else _cluster_spec
-    workers = _launch([f"--model_dir={model_dir}", *JOB],
+    workers = _launch([f"--model_dir={model_dir}", f"--feature_cache={shared}", *JOB],
                       [{variable: make(ports, index)} for index in range(2)], tmp_path)
     results = _finish(workers)
     for code, out, err in results:
         assert code == 0, err[-3000:]
     assert "strategy multiworker" in results[0][1] and "2 replica(s)" in results[0][1]
-    # Each worker computes its part of the backbone pass and gathers the rest (see train.py).
-    assert all("cached backbone features and activations entering layer 10 of 360 train" in out
+    # Each worker computes its part of the backbone pass and gathers the rest (see train.py),
+    # or every worker reads it from the feature cache.
+    how = "read" if variable == "TF_CONFIG" else "cached"
+    assert all(f"{how} backbone features and activations entering layer 10 of 360 train" in out
                for _, out, _ in results)
+    assert len(os.listdir(shared)) == 2
     metrics = _metrics(model_dir)
     assert metrics["global_steps"] == single_process["global_steps"] == 3 * 12
     assert metrics["replicas"] == 2 and metrics["epochs_completed"] == 3

@@ -107,7 +107,8 @@ def test_killed_run_resumes_from_gcs(gcs, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--data=gs://no-such-bucket/photos",
-                                  "--model_dir=gs://no-such-bucket/run"])
+                                  "--model_dir=gs://no-such-bucket/run",
+                                  "--feature_cache=gs://no-such-bucket/features"])
 def test_missing_bucket_is_a_one_line_error_without_hanging(gcs, flag):
     process = run(gcs, "trainer.task", "--data=demo", *JOB, flag, timeout=120)
     assert process.returncode == 2
@@ -152,9 +153,12 @@ def test_tfds_dataset_in_a_gcs_data_dir(gcs, tmp_path):
     model_dir = str(tmp_path / "run")
     process = run(gcs, "trainer.task", "--data=tfds:tiny_shapes", f"--tfds_data_dir={data_dir}",
                   "--tfds_train_split=train[:75%]", "--tfds_validation_split=train[75%:]",
-                  f"--model_dir={model_dir}", *JOB, "--batch_size=6", "--memory_budget_mb=0")
+                  f"--model_dir={model_dir}", *JOB, "--batch_size=6", "--memory_budget_mb=0",
+                  f"--feature_cache={tmp_path / 'features'}")
     assert process.returncode == 0, process.stderr[-3000:]
     assert "validation 6 " in process.stdout and "train 18 " in process.stdout
+    # Keyed by the split and the prepared dataset's info.
+    assert "kept backbone features of small_cnn at 32 px" in process.stdout
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
     assert metrics["epochs_completed"] == 4 and metrics["val_images"] == 6
@@ -255,3 +259,47 @@ def test_a_second_job_on_a_model_dir_is_refused_and_a_killed_jobs_rerun_takes_ov
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "taking over the lease of a job that stopped" in rerun.stderr
     assert "run/.lease" not in gcs.list(model_dir)
+
+
+def test_a_feature_cache_on_gcs_serves_later_jobs_and_a_damaged_entry_is_replaced(gcs, tmp_path):
+    bucket = gcs.bucket("features")
+    data = gcs.upload_tree(images.folder(str(tmp_path / "data"), per_class=8,
+                                         validation_per_class=2, size=32), f"{bucket}/data")
+    shared = f"{bucket}/feature_cache"
+
+    def job(name):
+        process = run(gcs, "trainer.task", f"--data={data}", f"--model_dir={bucket}/{name}",
+                      f"--feature_cache={shared}", *JOB)
+        assert process.returncode == 0, process.stderr[-3000:]
+        return process
+
+    first = job("one")
+    assert "cached backbone features and activations" in first.stdout
+    entries = sorted(gcs.list(shared))
+    assert len(entries) == 2 and all(f"kept {what}" in first.stdout
+                                     for what in ("backbone features", "activations"))
+    second = job("two")
+    assert ("read backbone features and activations entering layer 10 of 16 train and 4 "
+            f"validation images from --feature_cache {shared}") in second.stdout
+    assert "kept" not in second.stdout
+    blob = gcs.client().bucket("features").blob(entries[0])
+    whole = blob.download_as_bytes()
+    blob.upload_from_string(whole[:-10])  # cut short, as by a writer that was not atomic
+    third = job("three")
+    assert f"{shared}/{entries[0].split('/')[-1]} is damaged" in third.stderr
+    assert "kept " in third.stdout  # published again, replacing the damaged generation
+    assert gcs.client().bucket("features").blob(entries[0]).download_as_bytes() == whole
+
+
+def test_feature_cache_publishes_on_gcs_are_conditional(gcs):
+    from trainer import cache
+    gcs.bucket("publish")
+    shared = cache.SharedCache("gs://publish/cache")
+    assert shared.read("entry") == (None, 0)
+    assert shared.publish("entry", b"first", 0)
+    assert not shared.publish("entry", b"second", 0)  # another trial published it first
+    content, generation = shared.read("entry")
+    assert content == b"first"
+    assert not shared.publish("entry", b"stale", generation + 1)
+    assert shared.publish("entry", b"replaced", generation)  # the damaged one it read
+    assert shared.read("entry")[0] == b"replaced"

@@ -105,6 +105,16 @@ def test_training_from_prepared_shards(prepared, tmp_path):
     assert sum(map(sum, metrics["confusion_matrix"])) == 6
 
 
+def test_the_fingerprint_of_prepared_shards_follows_their_records(prepared, tmp_path):
+    copy = str(tmp_path / "records")
+    shutil.copytree(prepared[1], copy)
+    before = sources.fingerprint(sources.scan(copy).train)
+    assert sources.fingerprint(sources.scan(copy).train) == before
+    with open(sources.scan(copy).train.shards[0], "ab") as handle:
+        handle.write(b"\0")
+    assert sources.fingerprint(sources.scan(copy).train) != before
+
+
 def test_damaged_shard_is_a_one_line_error(prepared, tmp_path):
     _, output, _ = prepared
     damaged = str(tmp_path / "records")

@@ -1,15 +1,20 @@
 """--head_sweep: heads trained side by side in phase 1, each as its own run would train it."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
+from tests.conftest import error_line, run_module
 from tests.test_train import tiny_trainer
 from trainer import config as config_lib
 from trainer import sweep
 
-# Two learning rates, with dropout (masks matter) and two label smoothings: 4 heads.
-GRID = "learning_rate=1e-2,1e-3;label_smoothing=0,0.2"
-SETTINGS = dict(epochs=2, fine_tune_epochs=1, dropout=0.5)
+# Every setting varied, dropout at 0 too (Keras draws a Dropout layer's random state only
+# at a rate above 0): 8 heads, none at the rate the classifier is built with.
+GRID = "learning_rate=1e-3,1e-2;dropout=0.5,0;label_smoothing=0.2,0"
+SETTINGS = dict(epochs=2, fine_tune_epochs=1, dropout=0.3)
 
 
 def _run(tmp_path, phases=("head", "fine_tune"), **settings):
@@ -30,17 +35,16 @@ def _curves(history):
 def test_each_head_trains_exactly_as_a_run_with_its_settings(tmp_path):
     history, weights, heads, chosen = _run(tmp_path / "sweep", head_sweep=GRID)
     points = config_lib.Config(head_sweep=GRID, **SETTINGS).head_settings()
-    assert len(heads) == len(points) == 4
-    alone = [_run(tmp_path / f"alone{index}", phases=("head",), learning_rate=point[
-        "learning_rate"], label_smoothing=point["label_smoothing"])[0]
-        for index, point in enumerate(points)]
+    assert len(heads) == len(points) == 8
+    alone = [_run(tmp_path / f"alone{index}", phases=("head",), **point)[0]
+             for index, point in enumerate(points)]
     for head, own in zip(heads, alone):
         assert _curves(head) == _curves(own)
     assert chosen == sweep.choose(alone)
+    assert chosen != 0  # so that the chosen head's weights are copied into the classifier's
     # Phase 2 goes on from the chosen head, with its settings: the run of those settings.
     best = points[chosen]
-    whole = _run(tmp_path / "best", learning_rate=best["learning_rate"],
-                 label_smoothing=best["label_smoothing"])
+    whole = _run(tmp_path / "best", **best)
     assert _curves(history) == _curves(whole[0])
     for mine, theirs in zip(weights, whole[1]):
         np.testing.assert_array_equal(mine, theirs)
@@ -97,3 +101,42 @@ def test_a_grid_no_sweep_can_run_is_refused_with_the_reason(grid, overrides, exp
     problems = config_lib.Config(head_sweep=grid, **overrides).problems()
     assert [name for name, _ in problems] == ["head_sweep"]
     assert expected in problems[0][1]
+
+
+@pytest.mark.slow
+def test_the_cli_sweeps_reports_every_head_and_continues_from_the_best(tmp_path):
+    grid = "learning_rate=1e-2,1e-3;dropout=0,0.5"
+    model_dir = str(tmp_path / "run")
+    plan = run_module("trainer.task", f"--model_dir={model_dir}", f"--head_sweep={grid}",
+                      "--dry_run")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "phase head      epochs 1-5 at each head's lr" in plan.stdout
+    assert ("  head sweep    4 heads trained side by side on the cached features" in plan.stdout
+            and "      4. learning_rate=0.001, dropout=0.5" in plan.stdout)
+    process = run_module("trainer.task", f"--model_dir={model_dir}", f"--head_sweep={grid}")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "epoch 5/8 [head] 4 heads, best val_accuracy" in process.stdout
+    assert "head sweep: 4 heads after 5 epochs" in process.stdout
+    with open(os.path.join(model_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    swept = metrics["head_sweep"]
+    assert swept["varied"] == ["learning_rate", "dropout"] and len(swept["heads"]) == 4
+    assert [len(head["history"]) for head in swept["heads"]] == [5] * 4
+    chosen = swept["heads"][swept["chosen"]]
+    assert chosen["settings"] == swept["chosen_settings"]
+    assert swept["chosen"] == sweep.choose([head["history"] for head in swept["heads"]])
+    # The run's curve is the chosen head's, then phase 2.
+    assert metrics["history"][:5] == chosen["history"]
+    assert [row["phase"] for row in metrics["history"]] == ["head"] * 5 + ["fine_tune"] * 3
+    assert os.path.getsize(os.path.join(model_dir, "report.png")) > 0
+    assert sorted(os.listdir(os.path.join(model_dir, "logs", "head_sweep"))) == sorted(
+        head["name"].replace(", ", ",") for head in swept["heads"])
+
+
+@pytest.mark.slow
+def test_a_sweep_with_augmentation_is_a_one_line_error(tmp_path):
+    process = run_module("trainer.task", f"--model_dir={tmp_path / 'run'}",
+                         "--head_sweep=dropout=0,0.2", "--augment=flip")
+    assert process.returncode == 2 and not os.path.exists(tmp_path / "run")
+    assert "--head_sweep='dropout=0,0.2' needs the heads trained on cached features: " \
+           "--augment changes every image" in error_line(process)

@@ -158,9 +158,18 @@ def test_hptune_spec_parses_as_a_hyperparameter_tuning_job():
     assert parameters["fine_tune_at"].integer_value_spec.max_value == 140
     assert parameters["dropout"].double_value_spec.min_value == pytest.approx(0.2)
     pool, = job.trial_job_spec.worker_pool_specs
-    assert list(pool.container_spec.args) == ["--strategy=gpu", "--data=gs://b/photos"]
+    # Trials share the backbone pass through a feature cache in the job's bucket.
+    assert list(pool.container_spec.args) == ["--strategy=gpu", "--data=gs://b/photos",
+                                              "--feature_cache=gs://my bucket/feature_cache"]
     assert "/trainer/trainer-gpu:" in pool.container_spec.image_uri
     assert job.trial_job_spec.base_output_directory.output_uri_prefix == "gs://my bucket/jobs/tune"
+
+
+@pytest.mark.parametrize("given", ["--feature_cache=gs://other/features", "--feature_cache="])
+def test_hptune_keeps_a_feature_cache_given_or_turned_off(given):
+    _, spec = dry_run("hptune.sh", "--preset=cpu", *BASE, "--", "--data=gs://b/photos", given)
+    pool, = spec["trialJobSpec"]["workerPoolSpecs"]
+    assert pool["containerSpec"]["args"][-2:] == ["--data=gs://b/photos", given]
 
 
 @pytest.mark.parametrize("args, message", [

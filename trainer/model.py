@@ -155,11 +155,7 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     features = keras.Model(images, pooled, name="features")
 
-    head_inputs = keras.Input(pooled.shape[1:], name="pooled")
-    y = keras.layers.Dropout(dropout, name="dropout")(head_inputs)
-    # float32 logits even under a mixed-precision policy, for a stable softmax and loss.
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(y)
-    head = keras.Model(head_inputs, logits, name="head")
+    head = _head(pooled.shape[1], num_classes, dropout)
 
     augmented = images
     for name in augmentations:
@@ -170,11 +166,26 @@ def build(backbone_name, base_weights, image_size, num_classes, dropout, augment
                       keras.Model(images, preprocessed, name="preprocess"))
 
 
+def _head(num_features, num_classes, dropout):
+    """pooled features -> dropout -> Dense(num_classes) logits."""
+    inputs = keras.Input((num_features,), name="pooled")
+    # Built at a rate above 0, then set: Keras gives a Dropout layer its random state only
+    # then, and at 0 the weights initialised after it would be drawn otherwise (a run at
+    # dropout 0 would not start where a --head_sweep head at 0 does), and no rate could be
+    # set later.
+    dropout_layer = keras.layers.Dropout(0.5, name="dropout")
+    dropout_layer.rate = dropout
+    # float32 logits even under a mixed-precision policy, for a stable softmax and loss.
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(
+        dropout_layer(inputs))
+    return keras.Model(inputs, logits, name="head")
+
+
 def copy_head(head):
     """A second head like `head`: the same weights and the same dropout seed (its random
     state is one of its variables), so that, given the same settings, it trains the same."""
-    copy = keras.models.clone_model(head)
-    for target, source in zip(copy.variables, head.variables):
+    copy = _head(head.input.shape[1], head.output.shape[-1], head.get_layer("dropout").rate)
+    for target, source in zip(copy.variables, head.variables, strict=True):
         target.assign(source)
     return copy
 

@@ -42,6 +42,8 @@ def main(argv):
     from trainer import files, model, outputs, train
     tf.get_logger().setLevel("ERROR")
     model.check(config.backbone, config.image_size, config.base_weights)
+    if config.feature_cache:
+        files.check_reachable(config.feature_cache)
     layout = outputs.Layout.of(config.model_dir)
     state = outputs.check(layout, config, FLAGS.overwrite)
     if state == "complete" and not FLAGS.dry_run:
@@ -55,8 +57,6 @@ def main(argv):
         return
     _announce(config, run)
     outputs.ensure_writable(layout)
-    if config.feature_cache:
-        files.check_reachable(config.feature_cache)
     with errors.from_tensorflow(config.data, run.kind == "multiworker"), \
             lease.held(config.model_dir, run.chief):
         if state == "overwrite" and run.chief:
