@@ -1,7 +1,9 @@
 """--feature_cache: what the backbone pass gives, kept for later jobs with the same key."""
 
+import concurrent.futures
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -111,10 +113,30 @@ def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, capl
     assert "read backbone features and activations" in out
 
 
-def test_concurrent_publishers_leave_one_whole_entry(tmp_path):
+def test_concurrent_publishers_never_show_a_reader_half_an_entry(tmp_path):
     shared = cache.SharedCache(str(tmp_path / "shared"))
-    contents = [cache.encode(KEY, _splits()) for _ in range(2)]
-    assert all(shared.publish("entry.bin", content, None) for content in contents)
-    content, _ = shared.read("entry.bin")
-    cache.decode(content, KEY)
+    rng = np.random.default_rng(0)
+    big = [[rng.normal(size=(2000, 1000)).astype(np.float32)], [np.zeros((1, 1), np.float32)]]
+    content = cache.encode(KEY, big)  # 8 MB: a write takes many system calls
+    done = threading.Event()
+    seen, damaged = [], []
+
+    def read_while_written():
+        while not done.is_set() or not seen:  # at least one read of a published entry
+            found, _ = shared.read("entry.bin")
+            if found is not None:
+                seen.append(len(found))
+                try:
+                    cache.decode(found, KEY)
+                except cache.Damaged as error:  # half an entry
+                    damaged.append(error)
+
+    reader = threading.Thread(target=read_while_written)
+    reader.start()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        published = list(pool.map(lambda _: shared.publish("entry.bin", content, None), range(8)))
+    done.set()
+    reader.join()
+    assert all(published) and seen and set(seen) == {len(content)} and not damaged
+    cache.decode(shared.read("entry.bin")[0], KEY)
     assert os.listdir(tmp_path / "shared") == ["entry.bin"]  # no temporary left behind

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from tests.conftest import error_line, run_module
 from tests.test_train import tiny_trainer
 from trainer import config as config_lib
 from trainer import sweep
+from trainer import train
 
 # Every setting varied, dropout at 0 too (Keras draws a Dropout layer's random state only
 # at a rate above 0): 8 heads, none at the rate the classifier is built with.
@@ -62,6 +64,23 @@ def test_a_sweep_resumed_after_phase_1_keeps_its_choice(tmp_path):
     whole = _run(tmp_path / "whole", head_sweep=GRID)
     _run(tmp_path / "resumed", phases=("head",), head_sweep=GRID)
     resumed = _run(tmp_path / "resumed", phases=("fine_tune",), head_sweep=GRID)
+    assert resumed[3] == whole[3] and _curves(resumed[0]) == _curves(whole[0])
+    for mine, theirs in zip(resumed[1], whole[1]):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_a_sweep_stopped_mid_epoch_resumes_bit_for_bit(tmp_path):
+    settings = dict(batch_size=4, head_sweep=GRID)  # 2 steps an epoch
+    whole = _run(tmp_path / "whole", **settings)
+    with tiny_trainer(tmp_path / "stopped", **{**SETTINGS, **settings}) as first:
+        # Stopped by a signal during step 3: checkpointed after it, mid-epoch 2 of phase 1.
+        chunk = first._chunk
+        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+                                          or chunk(step, end))
+        with pytest.raises(train.Preempted):
+            first.fit(first.schedule.head)
+    resumed = _run(tmp_path / "stopped", **settings)
+    assert [_curves(head) for head in resumed[2]] == [_curves(head) for head in whole[2]]
     assert resumed[3] == whole[3] and _curves(resumed[0]) == _curves(whole[0])
     for mine, theirs in zip(resumed[1], whole[1]):
         np.testing.assert_array_equal(mine, theirs)
