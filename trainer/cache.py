@@ -137,8 +137,11 @@ def common_key(config, policy, source):
             "data": {name: sources.fingerprint(getattr(source, name)) for name in SPLITS}}
 
 
+_POOLED = "pooled backbone features"
+
+
 def describe(key):
-    what = ("backbone features" if key["outputs"] == "pooled backbone features" else
+    what = ("backbone features" if key["outputs"] == _POOLED else
             f"activations entering layer {key['outputs']['cut_at_layer']}")
     return f"{what} of {key['backbone']} at {key['image_size']} px"
 
@@ -147,7 +150,7 @@ def entry_key(common, phase, computing, cut):
     """Everything that determines what the backbone pass gives `phase`: the job-wide `common`
     part (backbone, image size, preprocessing, precision, versions, data fingerprints) and the
     weights of `computing`, the model that computes it, with the outputs asked of it."""
-    outputs = ("pooled backbone features" if phase == "head" else
+    outputs = (_POOLED if phase == "head" else
                {"cut_at_layer": cut.layer, "shapes": [list(shape) for shape in cut.shapes]})
     return {"format": FORMAT, **common, "outputs": outputs,
             "weights": weights_digest(computing)}
@@ -156,7 +159,7 @@ def entry_key(common, phase, computing, cut):
 def entry_name(key):
     """The entry's file name: the backbone and image size for people, a hash of the key."""
     text = json.dumps(key, sort_keys=True)
-    kind = "features" if key["outputs"] == "pooled backbone features" else "activations"
+    kind = "features" if key["outputs"] == _POOLED else "activations"
     return (f"{key['backbone']}-{key['image_size']}px-{kind}-"
             f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.bin")
 
@@ -209,11 +212,11 @@ class SharedCache:
 
     def __init__(self, folder):
         self.folder = folder.rstrip("/")
-        self._gcs = None
+        self._gcs_errors = None  # google.api_core.exceptions, for a gs:// folder
         self.transient = (OSError,)  # what reading or publishing may raise and survive
         if self.folder.startswith("gs://"):
             from google.api_core import exceptions
-            self._gcs = exceptions
+            self._gcs_errors = exceptions
             self.transient = (OSError, exceptions.GoogleAPIError)
             self._bucket, self._prefix = files.gcs_bucket(self.folder, "--feature_cache")
 
@@ -222,7 +225,7 @@ class SharedCache:
 
     def read(self, name):
         """(bytes or None when absent, the version a replacement is conditional on)."""
-        if not self._gcs:
+        if not self._gcs_errors:
             try:
                 with open(self.path(name), "rb") as stream:
                     return stream.read(), None
@@ -233,14 +236,14 @@ class SharedCache:
             return None, 0
         try:
             return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
-        except self._gcs.NotFound:
+        except self._gcs_errors.NotFound:
             return None, 0
-        except self._gcs.PreconditionFailed:  # replaced as it was read: read that one
+        except self._gcs_errors.PreconditionFailed:  # replaced as it was read: read that one
             return self.read(name)
 
     def publish(self, name, content, version):
         """Writes the entry unless another job published it first; False then."""
-        if not self._gcs:
+        if not self._gcs_errors:
             os.makedirs(self.folder, exist_ok=True)
             handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
             with os.fdopen(handle, "wb") as stream:
@@ -251,6 +254,6 @@ class SharedCache:
         blob = self._bucket.blob(f"{self._prefix}/{name}".lstrip("/"))
         try:
             blob.upload_from_string(content, if_generation_match=version or 0)
-        except self._gcs.PreconditionFailed:
+        except self._gcs_errors.PreconditionFailed:
             return False
         return True

@@ -14,11 +14,10 @@ def strategy_line(kind, reason, schedule, execution):
             f"jit_compile {execution.jit_compile}")
 
 
-def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs,
-             head_settings):
+def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs):
     """The plan as text. strategy is strategy_line()'s; trainable_params maps phase name to
-    trainable parameter count; inputs, phase name to cache.Inputs; head_settings, those of
-    each head phase 1 trains (Config.head_settings)."""
+    trainable parameter count; inputs, phase name to cache.Inputs."""
+    head_settings = config.head_settings()
     lines = ["plan (--dry_run: nothing is trained or written)", f"  {strategy}"]
     lines += _data_lines(source)
     for phase in schedule.phases:

@@ -158,7 +158,7 @@ def _dry_run_plan(config, run, layout, state):
     counts = model.trainable_parameters(classifier, fine_tune_at)
     inputs = cache.phase_inputs(config, cache.fine_tune_cut(config, classifier, fine_tune_at))
     return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
-                         counts, inputs, config.head_settings())
+                         counts, inputs)
 
 
 def _restore(trainer, layout, config, chief):

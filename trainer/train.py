@@ -156,9 +156,9 @@ class Trainer:
         for head, point in zip(self.heads, self.head_settings):
             model_lib.set_dropout(head, point["dropout"])
         self.optimizers = self._build_optimizers()
-        self.head_optimizers = [self.optimizers.get("head")] + [
-            self._optimizer(point["learning_rate"], head.trainable_variables)
-            for head, point in zip(self.heads[1:], self.head_settings[1:])]
+        # Those of the other heads; the classifier's own head has self.optimizers["head"].
+        self.sweep_optimizers = [self._optimizer(point["learning_rate"], head.trainable_variables)
+                                 for head, point in zip(self.heads[1:], self.head_settings[1:])]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.state = tf.Variable("{}", dtype=tf.string, trainable=False)
         # Workers other than the chief save and export to a scratch folder they delete.
@@ -166,7 +166,7 @@ class Trainer:
         self.checkpoints = checkpoints.Checkpoints(tf.train.Checkpoint(
             model=classifier.model, step=self.step, state=self.state,
             random_state=model_lib.random_state(classifier.model),
-            sweep_heads=self.heads[1:], sweep_optimizers=self.head_optimizers[1:],
+            sweep_heads=self.heads[1:], sweep_optimizers=self.sweep_optimizers,
             sweep_random_state=[variable for head in self.heads[1:]
                                 for variable in model_lib.random_state(head)],
             **{f"{name}_optimizer": optimizer for name, optimizer in self.optimizers.items()}),
@@ -410,8 +410,8 @@ class Trainer:
         """The epoch's line, and its TensorBoard scalars: under the run's train/ and
         validation/, or, for the heads of --head_sweep, under head_sweep/<head>/."""
         record = records[0]
-        if self._sweeping(phase):
-            names = sweep.varied(self.head_settings)
+        sweeping, names = self._sweeping(phase), sweep.varied(self.head_settings)
+        if sweeping:
             best = sweep.choose([[each] for each in records])
             figures = (f"{len(records)} heads, best val_accuracy "
                        f"{records[best]['val_accuracy']:.4f} "
@@ -425,10 +425,9 @@ class Trainer:
               f"images/s, validation {record['val_seconds']:.1f}s", flush=True)
         if not self.writers:
             return
-        if not self._sweeping(phase):
+        if not sweeping:
             self._summarise(record, self.writers)
             return
-        names = sweep.varied(self.head_settings)
         for point, each in zip(self.head_settings, records):
             folder = sweep.label(point, names).replace(", ", ",")
             if folder not in self._head_writers:
@@ -516,8 +515,7 @@ class Trainer:
         read = [name for name in wanted if name not in missing]
         self._cache.update({name: found[name] for name in read})
         if read:
-            self._announce_cache(read, f"read {{}} from --feature_cache {self.shared.folder} in "
-                                       f"{time.time() - began:.1f}s, no backbone pass")
+            self._announce_cache(read, time.time() - began, self.shared.folder)
         if missing:
             self._compute_cache(missing)
             if self.chief:
@@ -542,7 +540,7 @@ class Trainer:
             count = len(outputs[name])
             self._cache[name] = [arrays[:count] for arrays in splits]
             splits = [arrays[count:] for arrays in splits]
-        self._announce_cache(names, f"cached {{}} in {time.time() - began:.1f}s")
+        self._announce_cache(names, time.time() - began)
 
     # -- --feature_cache (see cache.SharedCache) ---------------------------------------------
 
@@ -598,8 +596,9 @@ class Trainer:
                                      axis=None)
         return [name for name, count in zip(phases, total.numpy()) if count > 0]
 
-    def _announce_cache(self, names, how):
-        """how: what was done, with {} for what it was done to."""
+    def _announce_cache(self, names, seconds, shared_folder=None):
+        """What phases `names` train on was computed in `seconds`, or read from
+        --feature_cache's shared_folder."""
         parts = {"head": ("backbone features", "the head trains on the features")}
         if self.cut:
             parts["fine_tune"] = (f"activations entering layer {self.cut.layer}",
@@ -614,8 +613,10 @@ class Trainer:
         stored = ("; activations as " + ", ".join(sorted({array.dtype.name for array in
                                                          self._cache["fine_tune"][0]}))
                   if "fine_tune" in names else "")
-        done = how.format(f"{' and '.join(what)} of {len(self.source.train)} train and "
-                          f"{len(self.source.validation)} validation images")
+        images_line = (f"{' and '.join(what)} of {len(self.source.train)} train and "
+                       f"{len(self.source.validation)} validation images")
+        done = (f"read {images_line} from --feature_cache {shared_folder} in {seconds:.1f}s, "
+                "no backbone pass" if shared_folder else f"cached {images_line} in {seconds:.1f}s")
         print(f"{done} ({size / 2**20:.1f} MB, {size / images / 1024:.1f} KB an image{stored}"
               f"{', in files in the temp dir' if on_disk else ''}): "
               f"{'; '.join(who)} (--cache_features)", flush=True)
@@ -680,7 +681,7 @@ class Trainer:
             return [first]
         return [first] + [(head, head.trainable_variables, optimizer, point["label_smoothing"])
                           for head, optimizer, point in zip(self.heads[1:],
-                                                            self.head_optimizers[1:],
+                                                            self.sweep_optimizers,
                                                             self.head_settings[1:])]
 
     def _train_function(self, phase):
