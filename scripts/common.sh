@@ -94,7 +94,19 @@ require_basics() {
   fi
 }
 
-# Sets pools_yaml: the workerPoolSpecs entries for the preset, trainer flags as args.
+# Checks the trainer flags as the job will parse them, before anything is submitted
+# (trainer.preflight, without TensorFlow); the arguments are trainer.preflight's.
+check_trainer_flags() {
+  local python="${PYTHON:-python3}"
+  export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
+  "$python" -c "import absl.flags, yaml, google.cloud.storage" 2>/dev/null ||
+    die "checking the trainer flags before a job is submitted needs the trainer's" \
+      "dependencies: pip install -e . in this checkout, or set PYTHON to a Python that has them"
+  "$python" -m trainer.preflight "$@" || exit 2
+}
+
+# Sets pools_yaml, the workerPoolSpecs entries for the preset, and pool_args, the trainer flags
+# every pool runs with.
 worker_pool_specs() {
   local preset="$1"; shift
   local args=("$@") image machine accelerator="" count="${accelerator_count:-}" pool built=cpu
@@ -111,6 +123,7 @@ worker_pool_specs() {
         "does not support TensorFlow training: use TPU v5e (ct5lp-hightpu-1t, -4t or -8t)"
       args=("--strategy=tpu" "--tpu=local" "${args[@]+"${args[@]}"}") ;;
   esac
+  pool_args=("${args[@]+"${args[@]}"}")
   # Our image for the accelerator (scripts/build_image.sh, same default tag) unless named.
   image="${image_uri:-$(registry_image "$region" "$project" "$repository" "$built" "${tag:-$(default_tag)}")}"
   local nl=$'\n' machine_yaml

@@ -13,7 +13,9 @@ trainer flags plus the tuned ones (--learning_rate, --fine_tune_at, --dropout by
 the trainer reports val_accuracy through cloudml-hypertune. Trials share
 --feature_cache=BUCKET/feature_cache, so that those with the same data, backbone and
 weights run the backbone pass once between them; pass --feature_cache=... after -- to
-use another folder, or --feature_cache= to keep none.
+use another folder, or --feature_cache= to keep none. The trainer flags, and each tuned
+range's ends as a trial would get them, are checked before anything is submitted, as
+submit_job.sh checks them.
 
 Trials run our image for the preset, as submit_job.sh's jobs do (see its --help for the
 one-time setup and scripts/build_image.sh).
@@ -42,7 +44,8 @@ script_option() {
     --max_trials=*) max_trials="${1#*=}" ;;
     --parallel_trials=*) parallel_trials="${1#*=}" ;;
     --learning_rate=*|--fine_tune_at=*|--dropout=*) name="${1%%=*}"; ranges[${name#--}]="${1#*=}" ;;
-    --no_tune=*) unset "ranges[${1#*=}]" ;;
+    --no_tune=learning_rate|--no_tune=fine_tune_at|--no_tune=dropout) unset "ranges[${1#*=}]" ;;
+    --no_tune=*) die "$1: only learning_rate, fine_tune_at and dropout are tuned" ;;
     *) return 1 ;;
   esac
 }
@@ -56,6 +59,13 @@ if [[ " ${trainer_args[*]-} " != *" --feature_cache="* ]]; then
   trainer_args+=("--feature_cache=$bucket/feature_cache")
 fi
 worker_pool_specs "$preset" "${trainer_args[@]+"${trainer_args[@]}"}"
+display_name="${display_name:-trainer-hptune-$preset-$(date -u +%Y%m%d-%H%M%S)}"
+tuned=()
+for name in "${!ranges[@]}"; do
+  tuned+=("--tune=$name=${ranges[$name]}")
+done
+check_trainer_flags --base_output_dir="$bucket/jobs/$display_name" "${tuned[@]}" -- \
+  "${pool_args[@]+"${pool_args[@]}"}"
 
 parameter_yaml() {
   local name="$1" low="${2%,*}" high="${2#*,}"
@@ -75,7 +85,6 @@ parameter_yaml() {
   esac
 }
 
-display_name="${display_name:-trainer-hptune-$preset-$(date -u +%Y%m%d-%H%M%S)}"
 spec="${spec:-$(mktemp "${TMPDIR:-/tmp}/hptune-job-XXXXXX.yaml")}"
 {
   printf 'displayName: %s\n' "$(yaml_string "$display_name")"

@@ -43,7 +43,11 @@ Options (environment variable in brackets):
   --dry-run                write the spec and print the gcloud command; the spec's path is
                            the last line of output
   -h, --help               this help
-Everything after -- is passed to trainer.task, e.g. -- --config=... --data=gs://B/photos
+Everything after -- is passed to trainer.task, e.g. -- --config=... --data=gs://B/photos.
+Before anything is submitted, those flags are checked as the job will parse them (python -m
+trainer.preflight, which needs this checkout's dependencies: pip install -e .): an unknown
+flag, a bad value, a missing preset, or a local path where the job needs gs:// (--data,
+--model_dir, --config, --feature_cache, --tfds_data_dir, --base_weights) is one error line.
 USAGE
 }
 
@@ -57,8 +61,10 @@ parse_options "$@"
 
 require_basics
 worker_pool_specs "$preset" "${trainer_args[@]+"${trainer_args[@]}"}"
-
 display_name="${display_name:-trainer-$preset-$(date -u +%Y%m%d-%H%M%S)}"
+check_trainer_flags --base_output_dir="$bucket/jobs/$display_name" -- \
+  "${pool_args[@]+"${pool_args[@]}"}"
+
 spec="${spec:-$(mktemp "${TMPDIR:-/tmp}/custom-job-XXXXXX.yaml")}"
 {
   printf 'workerPoolSpecs:\n%s' "$pools_yaml"

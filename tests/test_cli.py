@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, error_line
 from trainer import config as config_lib
 
 
@@ -21,7 +21,8 @@ def _imports(*args):
 
 
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["--helpfull"], 0),
-                                        (["--strategy=quantum"], 2), (["--epochs=many"], 2)])
+                                        (["--strategy=quantum"], 2), (["--epochs=many"], 2),
+                                        (["epochs=3"], 2)])
 def test_help_and_flag_errors_answer_without_loading_tensorflow(args, code):
     process, imported = _imports(*args)
     assert process.returncode == code, process.stderr[-2000:]
@@ -42,3 +43,11 @@ def test_the_job_names_its_tensorflow_and_warns_below_the_oldest_tested(
     task._announce(config_lib.Config(data="d"), run)
     assert capsys.readouterr().out.startswith(f"TensorFlow {version}, Keras 3.")
     assert ("older than 2.20, the oldest this trainer is tested with" in caplog.text) is warned
+
+
+def test_an_argument_that_is_not_a_flag_is_refused():
+    """absl hands back `epochs=3`; a job that ignored it would train with the default."""
+    process, _ = _imports("--data=demo", "epochs=3")
+    assert process.returncode == 2
+    assert error_line(process) == ("error: unexpected argument 'epochs=3': give flags as "
+                                   "--name=value (see --helpfull)")

@@ -69,10 +69,23 @@ def test_tpu_without_a_name_is_an_error():
         strategy.create("tpu", "", {})
 
 
-def test_tpu_local_without_a_tpu_fails_fast():
-    """The real resolver: on this machine initialisation finds no TPU."""
-    with pytest.raises(UserError, match="no TPU reachable as --tpu=local"):
-        strategy.create("tpu", "local", {})
+def test_tpu_local_without_tpu_chips_is_refused_before_initialising():
+    """Initialising without chips crashes TensorFlow 2.20 with the PJRT plug-in (the tpu
+    image): it must not be reached."""
+    with mock.patch.object(strategy, "TPU_DEVICES", ("/nonexistent/accel0",)), \
+            mock.patch.object(tf.tpu.experimental, "initialize_tpu_system") as initialise:
+        with pytest.raises(UserError, match="--tpu=local but this host has no TPU chips "
+                                            r"\(none of /nonexistent/accel0\)"):
+            strategy.create("tpu", "local", {})
+    initialise.assert_not_called()
+
+
+def test_tpu_local_with_chips_that_do_not_answer_fails_fast(tmp_path):
+    """The real resolver: a device file but no TPU behind it; initialisation finds none."""
+    (tmp_path / "accel0").write_text("")
+    with mock.patch.object(strategy, "TPU_DEVICES", (str(tmp_path / "accel0"),)):
+        with pytest.raises(UserError, match="no TPU reachable as --tpu=local: (?!Graph)"):
+            strategy.create("tpu", "local", {})
 
 
 def test_tpu_path_connects_initialises_and_builds_the_strategy():
@@ -98,9 +111,12 @@ def test_unreachable_tpu_name_is_one_line_error():
             strategy.create("tpu", "nope", {})
 
 
-def test_gpu_without_gpus_is_an_error():
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=[]):
-        with pytest.raises(UserError, match="sees no GPU"):
+@pytest.mark.parametrize("cuda, advice", [(True, "no NVIDIA GPU or driver"),
+                                           (False, "built without CUDA")])
+def test_gpu_without_gpus_is_an_error(cuda, advice):
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=[]), \
+            mock.patch.object(tf.test, "is_built_with_cuda", return_value=cuda):
+        with pytest.raises(UserError, match=f"sees no GPU: .*{advice}"):
             strategy.create("gpu", "", {})
 
 

@@ -33,7 +33,17 @@ def no_real_gcloud(tmp_path, monkeypatch):
 
 def script(name, *args, env=None):
     return subprocess.run(["bash", os.path.join(SCRIPTS, name), *args], capture_output=True,
-                          text=True, timeout=120, env=env or cli_env(), cwd=REPO)
+                          text=True, timeout=120, env=env or offline_env(), cwd=REPO)
+
+
+def offline_env(**extra):
+    """No credentials of this machine's, and no GCE metadata server to ask for them: the
+    scripts' flag check then leaves a gs:// preset unread, as for a user without ADC."""
+    env = cli_env(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9",
+                  CLOUDSDK_CONFIG="/nonexistent", PYTHON=sys.executable)
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    return {**env, **extra}
 
 
 def dry_run(name, *args):
@@ -54,8 +64,8 @@ def dry_run(name, *args):
 ])
 def test_submit_job_spec_parses_as_a_custom_job_spec(preset, pools, machine, accelerator,
                                                      extra_args, tmp_path):
-    trainer_flags = ["--config=gs://my bucket/cats.yaml", "--data=gs://my bucket/cats photos",
-                     'quote"and\\backslash']
+    trainer_flags = ["--config=gs://my bucket/cats.yaml",
+                     '--data=gs://my bucket/cats photos, quote"and\\backslash']
     output, spec = dry_run("submit_job.sh", f"--preset={preset}", *BASE, "--display_name=run 1",
                            "--accelerator_count=2", "--workers=3", "--", *trainer_flags)
     job = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
@@ -289,7 +299,7 @@ def google_apis(tmp_path_factory):
         CLOUDSDK_PROXY_PORT=str(port), CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE=certificates["ca"],
         CLOUDSDK_CORE_DISABLE_PROMPTS="1", CLOUDSDK_CORE_DISABLE_USAGE_REPORTING="true",
         CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="true",
-        CLOUDSDK_CORE_CHECK_GCE_METADATA="false", NO_GCE_CHECK="true")
+        CLOUDSDK_CORE_CHECK_GCE_METADATA="false", NO_GCE_CHECK="true", PYTHON=sys.executable)
 
     def requests():
         lines = record.read_text().splitlines() if record.exists() else []

@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from trainer import buckets
 from trainer import files
 from trainer import model
 from trainer import pipelines
@@ -218,7 +219,7 @@ class SharedCache:
             from google.api_core import exceptions
             self._gcs_errors = exceptions
             self.transient = (OSError, exceptions.GoogleAPIError)
-            self._bucket, self._prefix = files.gcs_bucket(self.folder, "--feature_cache")
+            self._bucket, self._prefix = buckets.gcs_bucket(self.folder, "--feature_cache")
 
     def path(self, name):
         return f"{self.folder}/{name}"

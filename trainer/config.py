@@ -7,6 +7,7 @@ the command line or in a --flagfile.
 
 import dataclasses
 import itertools
+import math
 import os
 import typing
 
@@ -120,6 +121,10 @@ class Config:
             choices = field.metadata["choices"]
             if choices and getattr(self, field.name) not in choices:
                 found.append((field.name, f"is not one of {', '.join(choices)}"))
+        for name in ("learning_rate", "fine_tune_learning_rate", "dropout", "label_smoothing",
+                     "validation_split"):
+            if not math.isfinite(getattr(self, name)):
+                found.append((name, "must be a finite number"))
         for name in ("image_size", "batch_size", "learning_rate", "fine_tune_learning_rate",
                      "max_image_pixels"):
             if getattr(self, name) <= 0:
@@ -249,7 +254,7 @@ def _coerce(field, value, source):
             return float(value)
         if kind is str and isinstance(value, (str, int, float)):
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise UserError(f"{source}: {field.name} should be {kind.__name__}, got {value!r}")
 
@@ -274,14 +279,24 @@ def define_flags(flag_values=flags.FLAGS):
         define(field.name, field.default, help_text, flag_values=flag_values)
 
 
-def load_yaml(path):
-    """Reads a preset; every key must be a Config field."""
+def _read_with_tensorflow(path):
     # Imported here: files loads TensorFlow, which --help and flag errors should not wait for.
     from trainer import files
     if not files.exists(path):
+        return None
+    if files.isdir(path):
+        raise UserError(f"config file {path} is a folder: pass the YAML file in it")
+    return files.read_text(path)
+
+
+def load_yaml(path, read_text=_read_with_tensorflow):
+    """Reads a preset; every key must be a Config field. read_text(path) gives the file's text,
+    or None where there is no such file."""
+    text = read_text(path)
+    if text is None:
         raise UserError(f"config file {path} not found: check the --config path")
     try:
-        values = yaml.safe_load(files.read_text(path)) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(values, dict):
@@ -300,13 +315,14 @@ def config_name(config_path):
     return "smoke"
 
 
-def resolve(flag_values, environ=os.environ):
-    """Builds the Config from defaults, the preset and the flags actually given."""
+def resolve(flag_values, environ=os.environ, read_text=_read_with_tensorflow):
+    """Builds the Config from defaults, the preset (read by read_text, as load_yaml does) and
+    the flags actually given."""
     given = {name: flag_values[name].value for name in _FIELDS if flag_values[name].present}
     config_path = flag_values["config"].value
     values = {}
     if config_path:
-        values.update(load_yaml(config_path))
+        values.update(load_yaml(config_path, read_text))
     elif "data" not in given:
         values.update(SMOKE)
     values.update(given)

@@ -8,7 +8,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer.errors import UserError, first_line, op_reason
+from trainer.errors import UserError, op_reason
 
 # What storage raises while it is unreachable or overloaded, after TensorFlow's own few quick
 # retries (a read or a listing that returns NotFound then is not one of these): the same call
@@ -65,22 +65,6 @@ def check_reachable(path):
     if not found:
         raise UserError(f"bucket {bucket} of {path} does not exist or is not accessible: "
                         "create it (gcloud storage buckets create) or fix the path")
-
-
-def gcs_bucket(path, what):
-    """(google-cloud-storage Bucket, object name) of a gs:// path, `what` names it in errors:
-    for writes that need the generation preconditions TensorFlow's GCS filesystem lacks."""
-    from google.auth import exceptions
-    from google.cloud import storage
-    bucket, _, name = path[len("gs://"):].partition("/")
-    try:
-        # Objects need no project; without one the client would refuse to start.
-        client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or "none")
-    except exceptions.DefaultCredentialsError as error:
-        raise UserError(f"no Google Cloud credentials for {what} {path} ({first_line(error)}): run "
-                        "`gcloud auth application-default login`, or run where credentials "
-                        "are set (Vertex AI)") from None
-    return client.bucket(bucket), name
 
 
 def join(*parts):

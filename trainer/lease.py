@@ -190,12 +190,12 @@ class _LocalStore:
 class _GcsStore:
     def __init__(self, path):
         from google.api_core import exceptions
-        from trainer import files
+        from trainer import buckets
         self.path = path
         self.transient = (OSError, exceptions.GoogleAPIError)
         self.conflict = (exceptions.PreconditionFailed, exceptions.Conflict)
         self.missing = exceptions.NotFound
-        self.bucket, self.name = files.gcs_bucket(path, "the lease")
+        self.bucket, self.name = buckets.gcs_bucket(path, "the lease")
         self.generation = None  # of the object this job wrote last
 
     def _write(self, content, generation):

@@ -11,7 +11,7 @@ import socket
 
 import tensorflow as tf
 
-from trainer.errors import UserError, first_line
+from trainer.errors import UserError, first_line, op_reason
 
 # TPUClusterResolver asks the GCE metadata server with no timeout; bound every socket it opens.
 _RESOLVER_TIMEOUT_SECONDS = 10
@@ -74,6 +74,12 @@ def _tpu_strategy(tpu, environ):
     if not tpu:
         raise UserError("--strategy=tpu needs a TPU: pass --tpu=local on a TPU VM, --tpu=NAME, "
                         "or set TPU_NAME")
+    if tpu == "local" and not _tpu_device_present():
+        # Checked first: with the PJRT plug-in (our tpu image), TensorFlow 2.20 crashes the
+        # process (SIGSEGV) in initialize_tpu_system when libtpu finds no chips.
+        raise UserError(f"--tpu=local but this host has no TPU chips (none of "
+                        f"{', '.join(TPU_DEVICES)}): run on a TPU VM, name a remote TPU with "
+                        "--tpu=NAME, or use --strategy=cpu|gpu")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_RESOLVER_TIMEOUT_SECONDS)
     try:
@@ -82,7 +88,8 @@ def _tpu_strategy(tpu, environ):
             tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, tf.errors.OpError, OSError) as error:
-        raise UserError(f"no TPU reachable as --tpu={tpu}: {first_line(error)}; "
+        reason = op_reason(error) if isinstance(error, tf.errors.OpError) else first_line(error)
+        raise UserError(f"no TPU reachable as --tpu={tpu}: {reason}; "
                         "check the TPU name and zone, or use --strategy=cpu|gpu") from None
     finally:
         socket.setdefaulttimeout(previous)
@@ -103,8 +110,13 @@ def _multiworker_strategy(environ):
 def _gpu_strategy():
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        raise UserError("--strategy=gpu but TensorFlow sees no GPU: install the GPU build "
-                        "(pip install 'tensorflow[and-cuda]') or use --strategy=cpu")
+        if tf.test.is_built_with_cuda():
+            raise UserError("--strategy=gpu but TensorFlow sees no GPU: this machine has no "
+                            "NVIDIA GPU or driver that TensorFlow can use (nvidia-smi tells); "
+                            "run on a GPU machine or use --strategy=cpu")
+        raise UserError("--strategy=gpu but TensorFlow sees no GPU: this TensorFlow is built "
+                        "without CUDA; install the GPU build (pip install 'tensorflow[and-cuda]') "
+                        "or use --strategy=cpu")
     if len(gpus) == 1:
         return tf.distribute.OneDeviceStrategy("/gpu:0")
     return tf.distribute.MirroredStrategy()

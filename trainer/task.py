@@ -32,7 +32,7 @@ STOPPED_EXIT_CODES = {"SIGTERM": 42, "SIGINT": 128 + signal.SIGINT}
 
 
 def main(argv):
-    del argv
+    check_no_arguments(argv)
     began = time.time()
     config = config_lib.resolve(FLAGS)
     # The stages load TensorFlow (seconds): imported once the flags are known to be good, so
@@ -76,6 +76,14 @@ def main(argv):
             evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
             if run.chief:
                 _write_report(trainer, evaluation, config, layout, resumed_step, began)
+
+
+def check_no_arguments(argv):
+    """absl hands back what is not a flag; a job would ignore it, so `epochs=3` for
+    `--epochs=3` would train with the default unnoticed."""
+    if len(argv) > 1:
+        raise errors.UserError(f"unexpected argument {argv[1]!r}: give flags as --name=value "
+                               "(see --helpfull)")
 
 
 @dataclasses.dataclass
