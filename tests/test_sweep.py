@@ -159,3 +159,47 @@ def test_a_sweep_with_augmentation_is_a_one_line_error(tmp_path):
     assert process.returncode == 2 and not os.path.exists(tmp_path / "run")
     assert "--head_sweep='dropout=0,0.2' needs the heads trained on cached features: " \
            "--augment changes every image" in error_line(process)
+
+
+def _heads(settings, dropout=0.3):
+    import tensorflow as tf
+    from trainer import model
+    classifier = model.build("small_cnn", "none", 16, 2, dropout)
+    strategy = tf.distribute.get_strategy()
+    return sweep.Heads(settings, classifier.head, strategy), classifier
+
+
+def test_a_run_without_a_sweep_is_the_one_head_case():
+    point = {"learning_rate": 1e-3, "dropout": 0.1, "label_smoothing": 0.2}
+    heads, classifier = _heads([point])
+    assert heads.chosen == 0 and heads.models == [classifier.head]
+    assert classifier.head.get_layer("dropout").rate == 0.1 and heads.label_smoothing == 0.2
+    heads.build_optimizers(lambda rate, variables: 1 / 0)  # no other head: none is built
+    schedule = train.Schedule.of(config_lib.Config(batch_size=2), 8, 1)
+    assert not heads.sweeping(schedule.head)
+    assert heads.learners(schedule.head, "the classifier's") == ["the classifier's"]
+    assert heads.learning_rates(schedule.head) == [1e-3]
+    assert heads.learning_rates(schedule.fine_tune) == [1e-5]
+    assert heads.checkpointed() == {"sweep_heads": [], "sweep_optimizers": [],
+                                    "sweep_random_state": []}
+
+
+def test_the_chosen_head_becomes_the_classifiers_with_its_settings():
+    settings = config_lib.Config(head_sweep="dropout=0.5,0;label_smoothing=0.1,0.3"
+                                 ).head_settings()
+    heads, classifier = _heads(settings)
+    heads.build_optimizers(lambda rate, variables: (rate, len(variables)))
+    assert heads.optimizers == [(1e-4, 2)] * 3 and heads.chosen is None
+    schedule = train.Schedule.of(config_lib.Config(batch_size=2), 8, 1)
+    assert heads.sweeping(schedule.head) and not heads.sweeping(schedule.fine_tune)
+    learners = heads.learners(schedule.head, "first")
+    assert learners[0] == "first" and [learner.label_smoothing for learner in learners[1:]] == [
+        0.3, 0.1, 0.3]
+    for variable in heads.models[3].trainable_variables:
+        variable.assign(variable + 1.0)
+    heads.take(3, copy_weights=True)
+    for mine, chosen in zip(classifier.head.variables, heads.models[3].variables):
+        np.testing.assert_array_equal(mine.numpy(), chosen.numpy())
+    assert (heads.chosen, heads.label_smoothing) == (3, 0.3)
+    assert classifier.head.get_layer("dropout").rate == 0
+    assert not heads.sweeping(schedule.head)

@@ -285,9 +285,9 @@ def test_both_cached_phases_train_like_the_whole_model(tmp_path, backbone, size,
                     fine_tune_learning_rate=1e-4)
     whole = _run_both_phases(tmp_path / "whole", cache_features="off", **settings)
     cached = _run_both_phases(tmp_path / "cached", **settings)
-    assert [name for name, inputs in cached[3].inputs.items() if inputs.cached] == [
+    assert [name for name, inputs in cached[3].data.inputs.items() if inputs.cached] == [
         "head", "fine_tune"]
-    assert {array.dtype.name for array in cached[3]._cache["fine_tune"][0]} == {stored}
+    assert {array.dtype.name for array in cached[3].data._arrays_of["fine_tune"][0]} == {stored}
     for mine, theirs in zip(cached[0], whole[0]):
         assert mine["phase"] == theirs["phase"]
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):

@@ -1,13 +1,13 @@
-"""What the job computes once and keeps, and where.
+"""Where what the job computes once is kept: the storage, not the policy.
 
-Without random augmentation, what the frozen part of the model computes from an image never
-changes: one backbone pass gives the pooled features phase 1 trains the head on, and the
-activations at the cut below --fine_tune_at that phase 2 trains the top on (model.cut).
-phase_inputs decides, before training, what each phase reads; Store holds the arrays, in
-memory while --memory_budget_mb lasts and in files in the local temp dir beyond it.
+Store holds the arrays of cached inputs or decoded images, in memory while --memory_budget_mb
+lasts and in files in the local temp dir beyond it. A --feature_cache entry is those arrays
+under a key (the backbone, its weights, preprocessing, precision, the data): encoded,
+checked when decoded, and published to a SharedCache folder so that the first of several
+writers wins. What each phase trains on, and when the pass runs, is phase_data.py's.
+It may not build models or pipelines, nor decide what a phase reads.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -20,45 +20,6 @@ from trainer import files
 from trainer import model
 from trainer import pipelines
 from trainer import sources
-
-
-@dataclasses.dataclass(frozen=True)
-class Inputs:
-    """What a phase trains on; decided before training, shown by --dry_run and the log."""
-    cached: bool       # computed once by the backbone pass, not read from images every epoch
-    description: str
-
-
-def fine_tune_cut(config, classifier, fine_tune_at):
-    """The model.Cut phase 2 trains above, or None when it reads images."""
-    if config.fine_tune_epochs and config.caches_features():
-        return model.cut(classifier, fine_tune_at)
-    return None
-
-
-def phase_inputs(config, cut):
-    """{phase name: Inputs}. cut: fine_tune_cut()'s."""
-    if config.cache_features == "off":
-        images = "images every epoch (--cache_features=off)"
-    elif config.augmentations():
-        images = ("images every epoch: --augment changes them each time, so the backbone's "
-                  "outputs cannot be cached")
-    else:
-        images = None
-    head = Inputs(False, images) if images else Inputs(
-        True, "pooled backbone features, cached in one backbone pass: the head trains on them")
-    if images:
-        fine_tune = Inputs(False, images)
-    elif cut is None:
-        fine_tune = Inputs(False, "images every epoch: no frozen backbone layer below "
-                                  "--fine_tune_at to cache the outputs of")
-    else:
-        shapes = " + ".join("x".join(map(str, shape)) for shape in cut.shapes)
-        fine_tune = Inputs(True, f"the activations entering backbone layer {cut.layer} "
-                                 f"({shapes}, {cut.bytes_per_image(2) / 1024:.1f} KB an image "
-                                 "as float16), cached in the same pass: the layers from there "
-                                 "up, the pooling and the head run on them")
-    return {"head": head, "fine_tune": fine_tune}
 
 
 class Store:

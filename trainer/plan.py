@@ -16,7 +16,7 @@ def strategy_line(kind, reason, schedule, execution):
 
 def describe(config, schedule, strategy, source, layout, state, trainable_params, inputs):
     """The plan as text. strategy is strategy_line()'s; trainable_params maps phase name to
-    trainable parameter count; inputs, phase name to cache.Inputs."""
+    trainable parameter count; inputs, phase name to phase_data.Inputs."""
     head_settings = config.head_settings()
     lines = ["plan (--dry_run: nothing is trained or written)", f"  {strategy}"]
     lines += _data_lines(source)

@@ -7,11 +7,75 @@ a job given its settings would: the sweep reproduces each of those jobs, and a o
 is the job itself. The best head by final validation accuracy (ties: the lower validation
 loss, then the first) is copied into the classifier, and phase 2 continues from it with its
 dropout and label smoothing.
+
+A run without --head_sweep is the one-head case of Heads: the classifier's own head, chosen
+from the start. Heads owns the heads, their optimizers and random state, and the choice; the
+curves are the run's record's (run_record.py), and it trains nothing itself.
 """
 
 import math
 
+from trainer import model as model_lib
+from trainer import steps
 from trainer.errors import UserError
+
+
+class Heads:
+    """The heads phase 1 trains, a point of the grid each (`settings`, config.head_settings()):
+    the first is the classifier's own head, the others copies of it."""
+
+    def __init__(self, settings, classifier_head, strategy):
+        self.settings = settings
+        self.chosen = 0 if len(settings) == 1 else None  # the head phase 2 continues from
+        self.label_smoothing = settings[0]["label_smoothing"]  # of the head being trained
+        with strategy.scope():
+            self.models = [classifier_head] + [model_lib.copy_head(classifier_head)
+                                               for _ in settings[1:]]
+        for head, point in zip(self.models, settings):
+            model_lib.set_dropout(head, point["dropout"])
+        self.optimizers = []  # those of the other heads: the classifier's is the phase's own
+
+    def build_optimizers(self, make_optimizer):
+        """make_optimizer(learning_rate, variables) for each head besides the first."""
+        self.optimizers = [make_optimizer(point["learning_rate"], head.trainable_variables)
+                           for head, point in zip(self.models[1:], self.settings[1:])]
+
+    def checkpointed(self):
+        """What a checkpoint keeps of the other heads: weights, optimizers, dropout state."""
+        return {"sweep_heads": self.models[1:], "sweep_optimizers": self.optimizers,
+                "sweep_random_state": [variable for head in self.models[1:]
+                                       for variable in model_lib.random_state(head)]}
+
+    def sweeping(self, phase):
+        """Whether `phase` trains the heads side by side."""
+        return phase.name == "head" and self.chosen is None
+
+    def learning_rates(self, phase):
+        """The learning rate of each model `phase` trains."""
+        if phase.name == "head":
+            return [point["learning_rate"] for point in self.settings]
+        return [phase.learning_rate]
+
+    def learners(self, phase, first):
+        """The steps.Learners `phase` trains: `first`, the classifier's, and while sweeping
+        each other head with its optimizer and label smoothing."""
+        if not self.sweeping(phase):
+            return [first]
+        return [first] + [steps.Learner(head, head.trainable_variables, optimizer,
+                                        point["label_smoothing"])
+                          for head, optimizer, point in zip(self.models[1:], self.optimizers,
+                                                            self.settings[1:])]
+
+    def take(self, index, copy_weights):
+        """Continues with head `index`: its weights (unless the checkpoint restored them),
+        dropout and label smoothing become the classifier's."""
+        if copy_weights and index:
+            for target, source in zip(self.models[0].variables, self.models[index].variables):
+                target.assign(source)
+        point = self.settings[index]
+        model_lib.set_dropout(self.models[0], point["dropout"])
+        self.label_smoothing = point["label_smoothing"]
+        self.chosen = index
 
 
 def varied(settings):

@@ -137,9 +137,9 @@ def _announce(config, run):
 
 def _announce_inputs(trainer):
     for phase in trainer.schedule.phases:
-        print(f"phase {phase.name} trains on {trainer.inputs[phase.name].description}",
+        print(f"phase {phase.name} trains on {trainer.data.inputs[phase.name].description}",
               flush=True)
-    if trainer.shared and not any(trainer.inputs[phase.name].cached
+    if trainer.data.shared and not any(trainer.data.inputs[phase.name].cached
                                   for phase in trainer.schedule.phases):
         print(f"--feature_cache={trainer.config.feature_cache} is not used: no phase trains "
               "on what the backbone computes once", flush=True)
@@ -158,13 +158,14 @@ def _exit_when_stopped():
 
 
 def _dry_run_plan(config, run, layout, state):
-    from trainer import cache, model, plan
+    from trainer import model, phase_data, plan
     # Parameter counts and the cut do not depend on the weights: build without any.
     classifier = model.build(config.backbone, "none", config.image_size,
                              len(run.source.class_names), config.dropout)
     fine_tune_at = model.fine_tune_layer(config.backbone, config.fine_tune_at)
     counts = model.trainable_parameters(classifier, fine_tune_at)
-    inputs = cache.phase_inputs(config, cache.fine_tune_cut(config, classifier, fine_tune_at))
+    inputs = phase_data.phase_inputs(config, phase_data.fine_tune_cut(config, classifier,
+                                                                        fine_tune_at))
     return plan.describe(config, run.schedule, run.strategy_line, run.source, layout, state,
                          counts, inputs)
 
@@ -232,8 +233,8 @@ def _write_report(trainer, evaluation, config, layout, resumed_step, began):
         "replicas": trainer.schedule.replicas,
         "phase_seconds": trainer.phase_seconds,
         "cached_features": [phase.name for phase in trainer.schedule.phases
-                            if trainer.inputs[phase.name].cached],
-        "cache_bytes_per_image": trainer.cache_bytes_per_image,
+                            if trainer.data.inputs[phase.name].cached],
+        "cache_bytes_per_image": trainer.data.cache_bytes_per_image,
         "head_sweep": head_sweep,
         **evaluation,
         "wall_seconds": round(time.time() - began, 1),
