@@ -32,7 +32,8 @@ Options (environment variable in brackets):
   --base_image=IMAGE  the Dockerfile's BASE_IMAGE (default python:3.11-slim)
   --local             build with docker or podman here instead of Cloud Build
   --no-push           with --local: build only
-  --dry-run           print the commands instead of running them
+  --dry-run           print the commands instead of running them (a Cloud Build config
+                      they name is written to the temp dir and kept)
   -h, --help          this help
 USAGE
 }
@@ -90,8 +91,12 @@ if [[ "$local_build" == true ]]; then
     run_or_print "${engine:-docker}" push "$uri"
   fi
 else
-  # Cloud Build's docker step takes build arguments only from a build config.
+  # Cloud Build's docker step takes build arguments only from a build config: kept with
+  # --dry-run, whose printed command names it, else removed once the build is submitted.
   config="$(mktemp "${TMPDIR:-/tmp}/cloudbuild-XXXXXX.yaml")"
+  if [[ "$dry_run" != true ]]; then
+    trap 'rm -f "$config"' EXIT
+  fi
   {
     printf 'steps:\n  - name: gcr.io/cloud-builders/docker\n    args: [build, -f, containers/Dockerfile'
     for arg in "${build_args[@]}"; do printf ', %s' "$(yaml_string "$arg")"; done

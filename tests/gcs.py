@@ -108,14 +108,23 @@ class Emulator:
         with open(self.outage_file, "w") as handle:
             handle.write(pattern)
 
+    def fail_each(self, pattern, times):
+        """From now on each of TensorFlow's requests matching pattern fails its first `times`
+        tries, then goes through: an outage the job's reads start and end themselves."""
+        with open(self.outage_file, "w") as handle:
+            handle.write(f"{times} {pattern}")
+
     def end_outage(self):
         os.remove(self.outage_file)
 
     def client(self):
+        """A google-cloud-storage client of the emulator, set up here rather than through
+        STORAGE_EMULATOR_HOST in this process's environment, which every later test and
+        subprocess would inherit."""
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
-        os.environ["STORAGE_EMULATOR_HOST"] = self.env["STORAGE_EMULATOR_HOST"]
-        return storage.Client(project="test-project", credentials=AnonymousCredentials())
+        return storage.Client(project="test-project", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.env["STORAGE_EMULATOR_HOST"]})
 
     def bucket(self, name):
         """Creates a bucket; returns its gs:// URL."""

@@ -11,7 +11,9 @@ forwards plain HTTP to the emulator, smoothing three gaps between them:
 
 For outage tests, while the file OUTAGE exists, every request whose "METHOD PATH" matches
 the regular expression it holds (an empty file: every request) is answered 503, as a storage
-service that is down answers.
+service that is down answers. A file of "N PATTERN" fails each matching request the first N
+times it is made, then lets it through: an outage that the job's own reads start and end,
+however fast or slow the machine is.
 
 Run as its own process (TF blocks in C++ holding the GIL, which would deadlock a thread):
     python gcs_proxy.py PORT EMULATOR_PORT CERT_PEM KEY_PEM OUTAGE
@@ -23,6 +25,7 @@ import re
 import socketserver
 import ssl
 import sys
+import threading
 
 GOOGLE_HOSTS = {"www.googleapis.com", "storage.googleapis.com"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
@@ -105,8 +108,7 @@ class Handler(Intercepting):
         return self.forward(self.upstream, host, method, path, headers, body)
 
     def forward(self, upstream, host, method, path, headers, body):
-        outage = self.server.outage()
-        if outage is not None and re.search(outage, f"{method} {path}"):
+        if self.server.failing(f"{method} {path}"):
             reply = b'{"error": {"code": 503, "message": "Service Unavailable (test outage)"}}'
             return "503 Service Unavailable", [("Content-Type", "application/json"),
                                                ("Content-Length", str(len(reply)))], reply
@@ -151,18 +153,29 @@ class Server(socketserver.ThreadingTCPServer):
 
 
 class Proxy(Server):
-    def outage(self):
-        """The pattern of the requests failing now, or None."""
+    failures = None  # request: how many times it was failed, for "N PATTERN" outages
+
+    def failing(self, request):
+        """Whether the outage (see the module's docstring) fails this request."""
         try:
             with open(self.outage_file) as handle:
-                return handle.read().strip()
+                outage = handle.read().strip()
         except OSError:
-            return None
+            return False
+        times, _, pattern = outage.partition(" ") if outage[:1].isdigit() else ("", "", outage)
+        if not re.search(pattern, request):
+            return False
+        if not times:
+            return True
+        with self.lock:
+            self.failures[request] = self.failures.get(request, 0) + 1
+            return self.failures[request] <= int(times)
 
 
 def main(port, emulator_port, cert, key, outage_file):
     server = Proxy(port, Handler, cert, key)
     server.outage_file = outage_file
+    server.lock, server.failures = threading.Lock(), {}
     server.emulator_port = int(emulator_port)
     print("ready", flush=True)
     server.serve_forever()

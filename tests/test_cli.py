@@ -10,9 +10,9 @@ from tests.conftest import REPO, cli_env, error_line
 from trainer import config as config_lib
 
 
-def _imports(*args):
-    """Runs python -m trainer.task with args; returns (process, names of modules imported)."""
-    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer.task", *args],
+def _imports(*args, module="trainer.task"):
+    """Runs python -m module with args; returns (process, names of modules imported)."""
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
                              capture_output=True, text=True, env=cli_env(), cwd=REPO,
                              timeout=60)
     imported = {line.split("|")[-1].strip() for line in process.stderr.splitlines()
@@ -51,3 +51,27 @@ def test_an_argument_that_is_not_a_flag_is_refused():
     assert process.returncode == 2
     assert error_line(process) == ("error: unexpected argument 'epochs=3': give flags as "
                                    "--name=value (see --helpfull)")
+
+
+def test_a_flagfile_that_is_not_utf8_is_one_line(tmp_path):
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_bytes(b"--epochs=2\n--data=caf\xe9\n")
+    process, imported = _imports(f"--flagfile={flagfile}")
+    assert process.returncode == 2 and "tensorflow" not in imported
+    assert error_line(process).startswith("error: a --flagfile is not UTF-8 text")
+
+
+@pytest.mark.parametrize("module, args, code", [
+    ("trainer.predict", ["--help"], 0),
+    ("trainer.predict", ["--model_dir=runs/x", "--top_k=0", "a.jpg"], 2),
+    ("trainer.predict", ["--model_dir=runs/x", "--top_k=-1", "a.jpg"], 2),
+    ("trainer.prepare", ["--help"], 0),
+    ("trainer.prepare", ["--images=x"], 2),
+])
+def test_predict_and_prepare_answer_help_and_errors_without_loading_tensorflow(module, args,
+                                                                               code):
+    process, imported = _imports(*args, module=module)
+    assert process.returncode == code, process.stderr[-2000:]
+    assert not {"tensorflow", "keras"} & imported
+    if code:
+        assert error_line(process)

@@ -32,7 +32,7 @@ def test_mobilenet_v2_from_a_weights_file_trains_resumes_exports_and_predicts(tm
     os.remove(model_dir / "metrics.json")
     resumed = run_module("trainer.task", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from epoch 1 (step 6 of 12)" in resumed.stdout
+    assert "resuming at step 6 of 12: epoch 2/2, from its start" in resumed.stdout
     with open(model_dir / "metrics.json") as handle:
         metrics = json.load(handle)
     assert [row["phase"] for row in metrics["history"]] == ["head", "fine_tune"]

@@ -68,6 +68,8 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path):
     ("strategy: cloud\n", "strategy='cloud' is not one of"),
     ("- a list\n", "must be a mapping"),
     ("epochs: [1\n", "not valid YAML"),
+    ("epochs: 1e400\n", "epochs should be int, got '1e400'"),
+    ("learning_rate: 1e400\n", "learning_rate=inf must be a finite number"),
 ])
 def test_bad_yaml_values(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
@@ -80,6 +82,11 @@ def test_bad_yaml_values(tmp_path, text, message):
     ("--validation_split=1.5", "--validation_split=1.5 must be at least 0 and below 1"),
     ("--validation_split=-0.1", "--validation_split=-0.1 must be at least 0 and below 1"),
     ("--fine_tune_at=-1", "--fine_tune_at=-1 must be 0 or more"),
+    ("--seed=-1", "--seed=-1 must be from 0 to 4294967295"),
+    ("--seed=4294967296", "--seed=4294967296 must be from 0 to 4294967295"),
+    ("--learning_rate=nan", "--learning_rate=nan must be a finite number"),
+    ("--fine_tune_learning_rate=inf", "--fine_tune_learning_rate=inf must be a finite number"),
+    ("--head_sweep=learning_rate=1e-3,nan", "gives learning_rate=nan, which must be a finite"),
 ])
 def test_bad_flag_values(flag, message):
     with pytest.raises(UserError, match=message):
@@ -89,6 +96,11 @@ def test_bad_flag_values(flag, message):
 def test_missing_config_file():
     with pytest.raises(UserError, match="config file /nowhere.yaml not found"):
         resolve("--config=/nowhere.yaml")
+
+
+def test_a_config_that_is_a_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=f"config file {tmp_path} is a folder: pass the YAML"):
+        resolve(f"--config={tmp_path}")
 
 
 def test_resolved_config_round_trips_and_differences_ignore_placement():
@@ -120,3 +132,14 @@ def test_an_unknown_backbone_is_named_before_anything_else():
     with pytest.raises(UserError, match="unknown --backbone=mobilenet_v3: choose one of "
                                         "mobilenet_v2, efficientnet_b0"):
         resolve("--backbone=mobilenet_v3")
+
+
+def test_the_config_records_the_layer_phase_2_trains_from():
+    config = resolve("--data=/photos")
+    assert config.fine_tune_at == 100 and "fine_tune_at: 100" in config.to_yaml()
+    assert resolve("--data=/photos", "--backbone=resnet50").fine_tune_at == 143
+    assert resolve("--data=/photos", "--fine_tune_at=7").fine_tune_at == 7
+    # A run recorded before the layer was resolved is the same run.
+    recorded = config.to_yaml().replace("fine_tune_at: 100", "fine_tune_at: null")
+    assert config_lib.differences(config_lib.from_yaml_text(recorded, "config.yaml"),
+                                  config) == []

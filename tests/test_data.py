@@ -51,6 +51,20 @@ def test_scan_skips_and_counts_unreadable_files(tmp_path):
     assert folder.class_names == ["green", "red"]
 
 
+def test_links_and_folders_that_cannot_be_read_are_skipped_with_their_reason(tmp_path):
+    root = images.folder(str(tmp_path), per_class=3)
+    red = tmp_path / "train" / "red"
+    (red / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (red / "loop.jpg").symlink_to(red / "loop.jpg")
+    (red / "adir.jpg").mkdir()
+    folder = sources.scan(root, validation_split=0.2, seed=1)
+    assert folder.skip_reasons == {
+        str(red / "dangling.jpg"): "cannot be read (No such file or directory)",
+        str(red / "loop.jpg"): "cannot be read (Too many levels of symbolic links)",
+        str(red / "adir.jpg"): "cannot be read (Is a directory)"}
+    assert len(folder.train) + len(folder.validation) == 6
+
+
 def test_validation_split_is_stratified_and_seeded(tmp_path):
     root = images.folder(str(tmp_path), per_class=10)
     first = sources.scan(root, validation_split=0.2, seed=7)
@@ -150,7 +164,7 @@ def test_an_unfinished_prepare_output_says_to_prepare_again(tmp_path):
 def test_pixels_are_read_from_the_header(tmp_path, kind):
     path = images.save(str(tmp_path / f"image.{kind}"), size=40, kind=kind)
     with open(path, "rb") as handle:
-        assert sources._header_pixels(handle.read()) == 40 * 40
+        assert sources.header_pixels(handle.read()) == 40 * 40
 
 
 def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path):

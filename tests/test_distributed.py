@@ -140,7 +140,7 @@ def test_killed_worker_then_restart_of_all_completes(tmp_path):
     results = _finish(_launch(args, variables, tmp_path))
     for code, _, err in results:
         assert code == 0, err[-3000:]
-    assert "resuming from epoch" in results[0][1]
+    assert "resuming at step" in results[0][1]
     metrics = _metrics(model_dir)
     assert metrics["resumed_from_epoch"] >= 1
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, 6))

@@ -29,9 +29,15 @@ def test_a_lost_worker_or_lost_storage_is_a_user_error_that_says_resume():
             raise lost
 
 
-def test_a_full_disk_is_a_user_error_and_other_exhaustion_is_not():
+@pytest.mark.parametrize("node", [
+    "{{function_node x}}",
+    # As TensorFlow 2.21 names the op's device first.
+    "{{function_node __wrapped__SaveV2_dtypes_3_device_/job:localhost/replica:0/task:0/device:"
+    "CPU:0}}",
+])
+def test_a_full_disk_is_a_user_error_and_other_exhaustion_is_not(node):
     full = tf.errors.ResourceExhaustedError(
-        None, None, "{{function_node x}} /mnt/run/checkpoints/ckpt-24_temp/part-0; No space "
+        None, None, f"{node} /mnt/run/checkpoints/ckpt-24_temp/part-0; No space "
                     "left on device [Op:SaveV2]")
     with pytest.raises(UserError, match=r"a disk is full \(No space left on device writing "
                                         r"/mnt/run/checkpoints/ckpt-24\); free some space"):

@@ -91,7 +91,7 @@ def test_fine_tune_at_beyond_the_backbone():
 @pytest.mark.parametrize("name", ["efficientnet_b0", "resnet50"])
 def test_other_backbones_build_with_their_preprocessing(name):
     classifier = model.build(name, "none", 64, num_classes=2, dropout=0.0)
-    model.set_phase(classifier, "fine_tune", model.BACKBONES[name].fine_tune_at)
+    model.set_phase(classifier, "fine_tune", model.fine_tune_layer(name, None))
     assert 2 < trainable_count(classifier) < len(classifier.model.weights)
     assert classifier.model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 2)
 
@@ -143,3 +143,35 @@ def test_no_cut_when_only_the_input_lies_below():
     classifier = model.build("small_cnn", "none", 32, num_classes=2, dropout=0.0)
     assert model.cut(classifier, 1) is None
     assert model.cut(classifier, 2).layer == 2
+
+
+@pytest.mark.parametrize("settings, warned", [
+    (dict(backbone="mobilenet_v2", base_weights="none"), True),
+    (dict(backbone="resnet50", base_weights="none", epochs=3), True),
+    (dict(backbone="mobilenet_v2", base_weights="imagenet"), False),
+    (dict(backbone="mobilenet_v2", base_weights="none", epochs=0), False),
+    (dict(backbone="small_cnn", base_weights="none"), False),  # made to train from scratch
+])
+def test_a_frozen_backbone_without_weights_is_warned_about(settings, warned):
+    from trainer import config as config_lib
+    warning = model.random_frozen_backbone(config_lib.Config(**settings))
+    assert (warning is not None) is warned
+    if warned:
+        assert warning.startswith(f"--base_weights=none leaves {settings['backbone']} random")
+
+
+def test_imagenet_weights_out_of_reach_is_one_whole_line_with_the_ways_out(monkeypatch):
+    """Keras's own failure, as it reads offline: the whole URL, then the reason."""
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/tensorflow/"
+                        "keras-applications/mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_"
+                        "tf_kernels_1.0_96_no_top.h5: None -- [Errno 113] No route to host "
+                        "(as this test says)")
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(UserError) as error:
+        model.build_backbone("mobilenet_v2", "imagenet", 96)
+    assert str(error.value) == (
+        "could not download the ImageNet weights of mobilenet_v2 ([Errno 113] No route to host "
+        "(as this test says)): where there is no internet access, copy the weights file to a bucket or disk "
+        "and pass --base_weights=PATH, or train from scratch with --base_weights=none")

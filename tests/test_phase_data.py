@@ -10,15 +10,17 @@ from trainer import phase_data
 
 
 class _Cut:
-    layer, shapes = 7, [(4, 4, 8)]
+    layer, fine_tune_at, shapes = 7, 9, [(4, 4, 8)]
 
     def bytes_per_image(self, itemsize):
         return 128 * itemsize
 
 
 @pytest.mark.parametrize("settings, cut, head, fine_tune", [
-    ({}, _Cut(), "pooled backbone features", "the activations entering backbone layer 7 "
-                                             "(4x4x8, 0.2 KB an image as float16)"),
+    ({}, _Cut(), "pooled backbone features",
+     "the activations entering backbone layer 7, 2 frozen layer(s) below --fine_tune_at=9, "
+     "where fewer values cross (4x4x8, 0.2 KB an image as float16 unless their values do not "
+     "fit it, then twice that as float32)"),
     ({}, None, "pooled backbone features", "no frozen backbone layer below --fine_tune_at"),
     ({"cache_features": "off"}, None, "(--cache_features=off)", "(--cache_features=off)"),
     ({"augment": "flip"}, None, "--augment changes them", "--augment changes them"),

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env, error_line, run_module
-from tests.test_vertex import BASE, SCRIPTS, offline_env, script
+from tests.conftest import REPO, error_line, run_module
+from tests.test_vertex import BASE, no_real_gcloud, offline_env, script  # noqa: F401 (fixture)
 
 JOB = "--base_output_dir=gs://b/jobs/run-1"
 

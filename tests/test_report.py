@@ -28,7 +28,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                      "features, cached in one backbone pass",
                      "phase fine_tune epochs 6-8", "backbone layers 10+ trainable",
                      "trains on the activations entering backbone layer 10 (12x12x64, 18.0 KB an "
-                     "image as float16), cached in the same pass",
+                     "image as float16 unless their values do not fit it, then twice that as "
+                     "float32), cached in the same pass",
                      f"model_dir     {model_dir} (fresh)", f"checkpoints   {model_dir}/checkpoints"):
         assert expected in plan, (expected, plan)
     assert not model_dir.exists()
@@ -88,3 +89,40 @@ def test_predict_names_the_signature_a_foreign_saved_model_lacks(tmp_path):
     assert process.returncode == 2
     assert ("is not a trainer export: expected serving_default(image_bytes: string[batch]), "
             "found features: float32(None, 4)") in error_line(process)
+
+
+def test_predict_names_the_outputs_a_foreign_saved_model_gives(tmp_path):
+    import tensorflow as tf
+
+    class Foreign(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(self, image_bytes):
+            return {"scores": tf.zeros([tf.shape(image_bytes)[0], 2])}
+
+    module = Foreign()
+    tf.saved_model.save(module, str(tmp_path / "foreign"),
+                        signatures={"serving_default": module.serve})
+    image = images.save(str(tmp_path / "a.jpg"))
+    process = run_module("trainer.predict", f"--model_dir={tmp_path / 'foreign'}", image)
+    assert process.returncode == 2
+    assert ("is not a trainer export: its serving_default returns scores, not probabilities "
+            "and classes") in error_line(process)
+
+
+def test_report_axes_show_whole_epochs_plain_values_and_a_legend_that_fits():
+    from trainer import report
+    history = [{"epoch": epoch, "phase": "head" if epoch <= 3 else "fine_tune",
+                "accuracy": 0.5, "val_accuracy": 0.5, "loss": 0.6931 + epoch * 1e-7,
+                "val_loss": 0.6931} for epoch in range(1, 6)]
+    heads = {"chosen": 5, "heads": [{"name": f"learning_rate={index}", "history": history[:3]}
+                                    for index in range(64)]}
+    drawn = report.figure(history, [[1, 0], [0, 1]], ["a", "b"], heads)
+    drawn.canvas.draw()
+    accuracy, loss, _, sweep_panel = drawn.axes
+    for axis in (accuracy, loss, sweep_panel):
+        ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+    assert loss.yaxis.get_offset_text().get_text() == ""
+    labels = [text.get_text() for text in sweep_panel.get_legend().get_texts()]
+    assert labels == ["learning_rate=5 (chosen)"]
+    assert "63 others in grey" in sweep_panel.get_title()

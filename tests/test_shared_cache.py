@@ -4,6 +4,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +43,22 @@ def test_a_damaged_entry_is_never_trusted(damage, reason):
     content = damage(cache.encode(KEY, _splits()))
     with pytest.raises(cache.Damaged, match=reason):
         cache.decode(content, KEY)
+
+
+def test_no_flipped_bit_anywhere_in_an_entry_passes_for_it():
+    """Every bit of a small entry flipped in turn: the format line, the header's length and
+    hash, the header with each array's dtype, shape and hash, and the arrays themselves."""
+    content = cache.encode(KEY, _splits())
+    escaped = []
+    for bit in range(len(content) * 8):
+        damaged = bytearray(content)
+        damaged[bit // 8] ^= 1 << bit % 8
+        try:
+            cache.decode(bytes(damaged), KEY)
+        except cache.Damaged:
+            continue
+        escaped.append(bit)
+    assert not escaped, f"{len(escaped)} of {len(content) * 8} flipped bits were trusted"
 
 
 def test_an_entry_of_another_key_is_never_used():
@@ -119,24 +136,62 @@ def test_concurrent_publishers_never_show_a_reader_half_an_entry(tmp_path):
     big = [[rng.normal(size=(2000, 1000)).astype(np.float32)], [np.zeros((1, 1), np.float32)]]
     content = cache.encode(KEY, big)  # 8 MB: a write takes many system calls
     done = threading.Event()
-    seen, damaged = [], []
+    seen, damaged, while_publishing = [], [], []
 
     def read_while_written():
-        while not done.is_set() or not seen:  # at least one read of a published entry
+        while True:
+            finished = done.is_set()  # then this is the last read, after every publish
             found, _ = shared.read("entry.bin")
+            while_publishing.append(not finished)
             if found is not None:
                 seen.append(len(found))
                 try:
                     cache.decode(found, KEY)
                 except cache.Damaged as error:  # half an entry
                     damaged.append(error)
+            if finished:
+                return
 
     reader = threading.Thread(target=read_while_written)
     reader.start()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        published = list(pool.map(lambda _: shared.publish("entry.bin", content, None), range(8)))
-    done.set()
-    reader.join()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            published = list(pool.map(lambda _: shared.publish("entry.bin", content, None),
+                                      range(8)))
+    finally:
+        done.set()
+        reader.join()
+    assert any(while_publishing)  # reads went on while entries were being written
     assert all(published) and seen and set(seen) == {len(content)} and not damaged
     cache.decode(shared.read("entry.bin")[0], KEY)
     assert os.listdir(tmp_path / "shared") == ["entry.bin"]  # no temporary left behind
+
+
+def test_what_a_killed_publisher_left_is_removed_by_a_later_job(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    shared = cache.SharedCache(str(tmp_path / "shared"))
+    shared.publish("first.bin", b"x", None)
+    dead = tmp_path / "shared" / ".second.bin.0123abcd.tmp"  # its writer died mid-write
+    dead.write_bytes(b"half an entry")
+    os.utime(dead, (time.time() - 120, time.time() - 120))  # a while ago
+    young = tmp_path / "shared" / ".sixth.bin.89abcdef.tmp"  # just created, not locked yet
+    young.write_bytes(b"")
+    live = tmp_path / "shared" / ".third.bin.4567cdef.tmp"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; stream = open(sys.argv[1], 'wb'); "
+         "fcntl.flock(stream, fcntl.LOCK_EX); print('writing', flush=True); sys.stdin.read()",
+         str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        shared.publish("fourth.bin", b"y", None)
+        assert sorted(os.listdir(tmp_path / "shared")) == [
+            ".sixth.bin.89abcdef.tmp", ".third.bin.4567cdef.tmp", "first.bin", "fourth.bin"]
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    for left in (live, young):
+        os.utime(left, (time.time() - 120, time.time() - 120))
+    shared.publish("fifth.bin", b"z", None)
+    assert sorted(os.listdir(tmp_path / "shared")) == ["fifth.bin", "first.bin", "fourth.bin"]

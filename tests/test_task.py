@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests import images
-from tests.conftest import REPO, TINY_MODEL, cli_env, error_line, run_module
+from tests.conftest import REPO, TINY_MODEL, cli_env, error_line, run_module, unavailable
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 
@@ -96,7 +96,8 @@ def test_predict_prints_top_classes_from_the_export(smoke, cache_home):
     square = os.path.join(demo, "squares", "squares_0004.png")
     process = run_module("trainer.predict", f"--model_dir={model_dir}", circle, square)
     assert process.returncode == 0, process.stderr[-2000:]
-    rows = [line.split("\t") for line in process.stdout.splitlines()]
+    header, *rows = [line.split("\t") for line in process.stdout.splitlines()]
+    assert header == ["path", "top 1", "top 2", "top 3"]
     assert [row[0] for row in rows] == [circle, square]
     assert rows[0][1].startswith("circles ") and rows[1][1].startswith("squares ")
     assert len(rows[0]) == 1 + 3  # path and the top 3 classes
@@ -114,6 +115,26 @@ def test_predict_json_on_a_folder(smoke, cache_home):
     assert len(records) == 30
     correct = sum(record["top"][0]["class"] == "triangles" for record in records)
     assert correct >= 24
+
+
+def test_predict_is_quiet_refuses_huge_images_and_stops_quietly_when_the_reader_does(
+        smoke, cache_home, tmp_path):
+    _, model_dir = smoke
+    folder = os.path.join(cache_home, "trainer", "demo_v1", "validation")
+    circle = os.path.join(folder, "circles", "circles_0000.jpg")
+    huge = run_module("trainer.predict", f"--model_dir={model_dir}", "--max_image_pixels=100",
+                      circle)
+    assert huge.returncode == 2
+    assert huge.stdout.splitlines()[1] == (f"{circle}\terror: more than "
+                                           "--max_image_pixels=100 pixels")
+    assert error_line(huge) == "error: 1 file(s) could not be classified (see their rows)"
+    # No TensorFlow start-up chatter: the error line is all there is.
+    assert huge.stderr.splitlines() == [error_line(huge)]
+    piped = subprocess.run(
+        f"{sys.executable} -m trainer.predict --model_dir={model_dir} --json {folder} | head -2",
+        shell=True, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300)
+    assert len(piped.stdout.splitlines()) == 2
+    assert piped.stderr == ""
 
 
 def test_finished_run_rerun_exits_at_once(smoke):
@@ -179,7 +200,8 @@ def _resume_and_check(args, model_dir, first_output, step):
     process = run_module("trainer.task", *args)
     assert process.returncode == 0, process.stderr[-2000:]
     epoch = step // 12
-    assert f"resuming from epoch {epoch} (step {step} of 384)" in process.stdout
+    into = f"{step % 12} of its 12 steps done" if step % 12 else "from its start"
+    assert f"resuming at step {step} of 384: epoch {epoch + 1}/32, {into}" in process.stdout
     before = [int(m) for m in re.findall(r"^epoch (\d+)/32", first_output, re.M)]
     after = [int(m) for m in re.findall(r"^epoch (\d+)/32", process.stdout, re.M)]
     assert before == list(range(1, len(before) + 1)) and len(before) <= epoch
@@ -245,13 +267,15 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
      "--base_weights=/no/weights.h5 not found"),
     (["--data=demo", "--strategy=gpu"], "--strategy=gpu but TensorFlow sees no GPU"),
     (["--data=demo", "--strategy=tpu"], "--strategy=tpu needs a TPU"),
+    (["--fine_tune_at=13"], "--fine_tune_at=13 but small_cnn has only 13 layers"),
+    (["--data=demo", "--seed=-1"], "--seed=-1 must be from 0 to 4294967295"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
     model_dir = tmp_path / "run"
     process = run_module("trainer.task", f"--model_dir={model_dir}", *args, timeout=120)
     assert process.returncode == 2
     assert message in error_line(process)
-    assert not model_dir.exists() or not os.listdir(model_dir)
+    assert not model_dir.exists()  # nothing written, not even an empty folder
 
 
 def test_unreadable_images_are_counted_in_metrics(tmp_path):
@@ -268,6 +292,31 @@ def test_unreadable_images_are_counted_in_metrics(tmp_path):
     assert sorted(os.path.basename(path) for path in metrics["skipped_examples"]) == [
         "cut.jpg", "empty.jpg"]
     assert (metrics["train_images"], metrics["val_images"]) == (16, 6)
+
+
+def test_a_rerun_on_changed_data_stops_instead_of_resuming(tmp_path):
+    root = images.folder(str(tmp_path / "data"), per_class=8, validation_per_class=3, size=32)
+    model_dir = str(tmp_path / "run")
+    args = [f"--data={root}", f"--model_dir={model_dir}", *TINY_MODEL, "--image_size=32",
+            "--epochs=2", "--fine_tune_epochs=1", "--batch_size=4"]  # 4 steps an epoch
+    assert run_module("trainer.task", *args).returncode == 0
+    # As if stopped after epoch 2: its checkpoint is the newest left; then images are added.
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    for name in os.listdir(checkpoints):
+        if name.startswith("ckpt-12.") or name == "checkpoint":
+            os.remove(os.path.join(checkpoints, name))
+    os.remove(os.path.join(model_dir, "metrics.json"))
+    for index in range(4):
+        images.save(os.path.join(root, "train", "red", f"added_{index}.jpg"), size=32, seed=index)
+    process = run_module("trainer.task", *args)
+    assert process.returncode == 2
+    assert error_line(process).startswith(
+        f"error: the data in --data={root} changed since the run in {model_dir} started "
+        "(train: red 8 -> 12): a run resumes only on the data it started with")
+    assert "epoch " not in process.stdout  # nothing trained, no history row again
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    assert [name for name in os.listdir(checkpoints) if name.endswith(".index")] == [
+        "ckpt-8.index"]
 
 
 def test_exploding_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
@@ -304,19 +353,20 @@ def small_disk(tmp_path):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.mark.parametrize("where", ["under a file", "at a file", "read-only"])
-def test_a_model_dir_that_cannot_be_written_is_one_line(tmp_path, small_disk, where):
+def test_a_model_dir_that_cannot_be_written_is_one_line(tmp_path, request, where):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    model_dir = {"under a file": a_file / "run", "at a file": a_file,
-                 "read-only": small_disk / "run"}[where]
-    if where == "read-only":
+    if where == "read-only":  # the only one that needs a file system of its own
+        small_disk = request.getfixturevalue("small_disk")
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    model_dir = {"under a file": a_file / "run", "at a file": a_file,
+                 "read-only": tmp_path / "small_disk" / "run"}[where]
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo", *TINY_MODEL,
                          "--image_size=32", "--epochs=1", "--fine_tune_epochs=0")
     assert process.returncode == 2

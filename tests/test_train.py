@@ -139,19 +139,20 @@ def test_storage_failing_past_the_budget_is_a_user_error(tmp_path, monkeypatch):
             trainer.fit(trainer.schedule.head)
 
 
-def test_leaving_the_trainer_on_an_error_removes_its_feature_files(tmp_path, monkeypatch):
+def test_feature_files_are_unlinked_while_in_use_so_no_death_leaves_them(tmp_path, monkeypatch):
+    """A file is gone from the temp dir as soon as it is mapped: a SIGKILL can leave none."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    with pytest.raises(UserError, match="training loss became"):
-        # The cache goes to files (over the memory budget); phase 2 blows up.
-        with tiny_trainer(tmp_path, memory_budget_mb=0, fine_tune_learning_rate=1e30,
-                          fine_tune_epochs=3) as trainer:
-            trainer.fit(trainer.schedule.head)
-            # Features and activations at the cut of train and validation.
-            assert len(glob.glob(str(scratch / "trainer-*"))) == 4
-            trainer.fit(trainer.schedule.fine_tune)
-    assert not glob.glob(str(scratch / "trainer-*"))
+    with tiny_trainer(tmp_path, memory_budget_mb=0) as trainer:
+        trainer.fit(trainer.schedule.head)
+        # Features and activations at the cut of train and validation, in files.
+        arrays = [array for splits in trainer.data._arrays_of.values() for split in splits
+                  for array in split]
+        assert len(arrays) == 4 and all(isinstance(array, np.memmap) for array in arrays)
+        assert not glob.glob(str(scratch / "trainer-*"))
+        trainer.fit(trainer.schedule.fine_tune)
+    assert trainer.history[-1]["phase"] == "fine_tune"
 
 
 def test_a_stop_asked_for_while_caching_features_stops_before_training(tmp_path):
@@ -217,6 +218,23 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_it(tmp_path, ho
     assert os.path.exists(tmp_path / "checkpoints" / "ckpt-3.index")
     with tiny_trainer(tmp_path, fine_tune_epochs=2) as finished:
         assert finished.restore() == 3
+
+
+def test_after_a_damaged_checkpoint_is_set_aside_only_the_newest_two_are_kept(tmp_path):
+    settings = dict(epochs=4, fine_tune_epochs=0)  # a step an epoch
+    with tiny_trainer(tmp_path, **settings) as first:
+        chunk = first._chunk
+        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+                                          or chunk(step, end))
+        with pytest.raises(train.Preempted):
+            first.fit(first.schedule.head)
+    _damage(str(tmp_path / "checkpoints" / "ckpt-3"), "truncated data")
+    with tiny_trainer(tmp_path, **settings) as again:
+        assert again.restore() == 2
+        again.fit(again.schedule.head)
+    assert sorted(name for name in os.listdir(tmp_path / "checkpoints")
+                  if name.endswith(".index")) == ["ckpt-3.index", "ckpt-4.index",
+                                                  "damaged-ckpt-3.index"]
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_again(tmp_path):
@@ -319,3 +337,22 @@ def test_a_run_resumed_in_phase_two_caches_the_activations_alone_and_trains_alik
         assert [row["loss"] for row in resumed.history] == [row["loss"] for row in whole[0]]
         for mine, theirs in zip(resumed.classifier.model.weights, whole[1]):
             np.testing.assert_array_equal(mine.numpy(), theirs)
+
+
+def test_the_resume_line_names_the_epoch_that_goes_on_and_how_far_into_it():
+    from trainer import task
+    schedule = train.Schedule.of(config_lib.Config(batch_size=8, epochs=4, fine_tune_epochs=5),
+                                 32, 1)  # 4 steps an epoch, 9 epochs, 36 steps
+    assert task.resume_line(19, schedule) == (
+        "resuming at step 19 of 36: epoch 5/9, 3 of its 4 steps done")
+    assert task.resume_line(20, schedule) == "resuming at step 20 of 36: epoch 6/9, from its start"
+    assert task.resume_line(36, schedule) == (
+        "resuming at step 36 of 36: training is done; evaluating and exporting")
+
+
+def test_a_loss_that_blows_up_before_any_checkpoint_says_none_was_kept(tmp_path):
+    with tiny_trainer(tmp_path, batch_size=4, epochs=0, fine_tune_epochs=3,
+                      fine_tune_learning_rate=1e30) as trainer:
+        with pytest.raises(UserError, match="training loss became .* by step [12] .*; no "
+                                            "checkpoint had been written yet: lower"):
+            trainer.fit(trainer.schedule.fine_tune)

@@ -14,7 +14,7 @@ import yaml
 from google.cloud import aiplatform_v1
 
 from tests import images
-from tests.conftest import REPO, cli_env, run_module
+from tests.conftest import REPO, cli_env, run_module, unavailable
 from tests.gcs import free_port, write_certificates
 
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -23,12 +23,15 @@ BASE = ["--project=my-project", "--region=us-central1", "--bucket=gs://my bucket
 
 @pytest.fixture(autouse=True)
 def no_real_gcloud(tmp_path, monkeypatch):
-    """Scripts under test must never reach the real gcloud: a stand-in that fails comes first."""
+    """Scripts under test must never reach the real gcloud: a stand-in that fails comes first.
+    What they write to the temp dir (specs, build configs) stays in the test's."""
     stand_in = tmp_path / "bin" / "gcloud"
     stand_in.parent.mkdir()
     stand_in.write_text("#!/bin/sh\necho 'gcloud called in a test' >&2\nexit 99\n")
     stand_in.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
 
 
 def script(name, *args, env=None):
@@ -269,7 +272,7 @@ def test_trainer_writes_where_vertex_says(gcs, tmp_path):
 
 def test_scripts_pass_shellcheck():
     if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck); CI installs it")
+        unavailable("shellcheck is not installed (apt-get install shellcheck); CI installs it")
     scripts = sorted(os.path.join(SCRIPTS, name) for name in os.listdir(SCRIPTS)
                      if name.endswith(".sh"))
     process = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True,
@@ -283,7 +286,7 @@ def google_apis(tmp_path_factory):
     tests/google_apis.py on 127.0.0.1; yields (env, read_requests)."""
     gcloud = shutil.which("gcloud", path="/usr/bin:/usr/local/bin:/usr/lib/google-cloud-sdk/bin")
     if not gcloud:
-        pytest.skip("the Google Cloud CLI is not installed")
+        unavailable("the Google Cloud CLI (gcloud) is not installed")
     folder = tmp_path_factory.mktemp("google_apis")
     certificates = write_certificates(str(folder), ("*.googleapis.com",))
     port, record = free_port(), folder / "requests.jsonl"
@@ -314,7 +317,7 @@ def google_apis(tmp_path_factory):
 def _real_gcloud(google_apis, name, *args):
     env, requests = google_apis
     requests()
-    process = script(name, *args, env=env)
+    process = script(name, *args, env={**env, "TMPDIR": os.environ["TMPDIR"]})
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
     return process, requests()
 

@@ -8,15 +8,17 @@ writers wins. What each phase trains on, and when the pass runs, is phase_data.p
 It may not build models or pipelines, nor decide what a phase reads.
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
+import uuid
 
 import numpy as np
 
 from trainer import buckets
-from trainer import files
 from trainer import model
 from trainer import pipelines
 from trainer import sources
@@ -24,32 +26,30 @@ from trainer import sources
 
 class Store:
     """Arrays of cached inputs or decoded images, one row an example: in memory while the
-    budget lasts, else memory-mapped files in the local temp dir, removed by close()."""
+    budget lasts, else memory-mapped files in the local temp dir. A file is unlinked as soon as
+    it is mapped: the mapping keeps it while the job needs it, and however the job ends, even
+    by SIGKILL, the system frees it, so no preemption leaves gigabytes behind."""
 
     def __init__(self, budget_bytes):
         self.memory_left = budget_bytes
-        self._files = []
 
     def allocate(self, shape, dtype):
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if size <= self.memory_left:
             self.memory_left -= size
             return np.zeros(shape, dtype)
-        handle, path = tempfile.mkstemp(prefix="trainer-features-", suffix=".npy")
-        os.close(handle)
-        self._files.append(path)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        handle, path = tempfile.mkstemp(prefix="trainer-features-", suffix=".bin")
+        try:
+            os.ftruncate(handle, max(size, 1))
+            return np.memmap(path, dtype=dtype, mode="r+", shape=tuple(shape))
+        finally:
+            os.unlink(path)
+            os.close(handle)
 
     def copy(self, array, dtype):
         copy = self.allocate(array.shape, dtype)
         copy[:] = array
         return copy
-
-    def close(self):
-        for path in self._files:
-            if os.path.exists(path):
-                os.remove(path)
-        self._files = []
 
 
 def fits_float16(values):
@@ -67,7 +67,7 @@ def fits_float16(values):
 
 # -- --feature_cache: what the backbone pass gives, kept for later jobs ---------------------
 
-FORMAT = "trainer-feature-cache-v1"
+FORMAT = "trainer-feature-cache-v2"
 _MAGIC = FORMAT.encode() + b"\n"
 SPLITS = ("train", "validation")
 
@@ -127,29 +127,31 @@ def entry_name(key):
 
 
 def encode(key, splits):
-    """An entry's bytes: a header (the key, and each array's dtype, shape and hash), then the
-    arrays. splits: [train arrays, validation arrays]."""
+    """An entry's bytes: the format line, the header's length and SHA-256, the header (the key,
+    and each array's dtype, shape and hash), then the arrays. splits: [train arrays,
+    validation arrays]."""
     arrays = [np.ascontiguousarray(array) for split in splits for array in split]
     header = {"key": key, "arrays": [
         {"split": name, "dtype": array.dtype.name, "shape": list(array.shape),
          "sha256": hashlib.sha256(array.data).hexdigest()}
         for name, split in zip(SPLITS, splits) for array in split]}
     text = json.dumps(header).encode()
-    return b"".join([_MAGIC, len(text).to_bytes(8, "little"), text,
-                     *(array.tobytes() for array in arrays)])
+    return b"".join([_MAGIC, len(text).to_bytes(8, "little"), hashlib.sha256(text).digest(),
+                     text, *(array.tobytes() for array in arrays)])
 
 
 def decode(content, key):
     """[train arrays, validation arrays] of an entry's bytes; raises Damaged when they are
-    not exactly what encode(key, ...) wrote."""
+    not exactly what encode(key, ...) wrote: every byte is covered by the format line, the
+    header's hash or an array's hash, so no damage can pass for an entry."""
     if not content.startswith(_MAGIC):
         raise Damaged("not a feature cache entry of this version")
-    start = len(_MAGIC) + 8
-    length = int.from_bytes(content[len(_MAGIC):start], "little")
-    try:
-        header = json.loads(content[start:start + length])
-    except ValueError:
-        raise Damaged("its header is cut short or altered") from None
+    start = len(_MAGIC) + 8 + 32
+    length = int.from_bytes(content[len(_MAGIC):start - 32], "little")
+    text = content[start:start + length]
+    if hashlib.sha256(text).digest() != content[start - 32:start]:
+        raise Damaged("its header is cut short or altered")
+    header = json.loads(text)
     if header.get("key") != key:
         raise Damaged("it holds another key")
     splits, offset = {name: [] for name in SPLITS}, start + length
@@ -164,6 +166,13 @@ def decode(content, key):
     if offset != len(content):
         raise Damaged("it has bytes past its arrays")
     return [splits[name] for name in SPLITS]
+
+
+# A publisher's temporary file is taken for abandoned once it is unchanged this long and its
+# lock is free (a live publisher takes the lock right after creating it), or, where the file
+# system has no locks, after ABANDONED_SECONDS.
+UNLOCKED_SECONDS = 60
+ABANDONED_SECONDS = 3600
 
 
 class SharedCache:
@@ -184,6 +193,31 @@ class SharedCache:
 
     def path(self, name):
         return f"{self.folder}/{name}"
+
+    def _remove_dead_publishers(self):
+        """Removes the temporary files that publishers killed mid-write left in a local
+        folder: those unchanged for a minute whose lock can be taken (the writer is gone; a
+        live one locks its file as soon as it has made it), and, where the file system has no
+        locks, those unchanged for an hour."""
+        for name in os.listdir(self.folder):
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            path = self.path(name)
+            try:
+                with open(path, "rb") as stream:
+                    age = time.time() - os.fstat(stream.fileno()).st_mtime
+                    if age < UNLOCKED_SECONDS:
+                        continue
+                    try:
+                        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # being written
+                    except OSError:
+                        if age < ABANDONED_SECONDS:
+                            continue
+                    os.remove(path)
+            except OSError:
+                continue  # renamed or removed meanwhile
 
     def read(self, name):
         """(bytes or None when absent, the version a replacement is conditional on)."""
@@ -207,11 +241,15 @@ class SharedCache:
         """Writes the entry unless another job published it first; False then."""
         if not self._gcs_errors:
             os.makedirs(self.folder, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
-            with os.fdopen(handle, "wb") as stream:
+            self._remove_dead_publishers()
+            temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+            with open(temporary, "wb") as stream:
+                # Held until the process ends, however it ends: a later job that can take
+                # the lock knows the writer is dead.
+                fcntl.flock(stream, fcntl.LOCK_EX)
                 stream.write(content)
-            os.chmod(temporary, 0o644)  # other jobs' users read it; mkstemp made it 0600
-            os.replace(temporary, self.path(name))
+                os.chmod(temporary, 0o644)  # for other jobs' users
+                os.replace(temporary, self.path(name))
             return True
         blob = self._bucket.blob(f"{self._prefix}/{name}".lstrip("/"))
         try:

@@ -4,6 +4,7 @@ rather than deleted, with a warning; if none can be read, the job stops rather t
 from zero."""
 
 import os
+import time
 
 from absl import logging
 import tensorflow as tf
@@ -28,6 +29,11 @@ class Checkpoints:
 
     def save(self, step):
         self.manager.save(checkpoint_number=step)
+
+    @property
+    def latest(self):
+        """The newest checkpoint of this process's, or None before the first."""
+        return self.manager.latest_checkpoint
 
     def restore(self):
         """Restores the newest checkpoint that can be read; False when there is none."""
@@ -65,8 +71,12 @@ class Checkpoints:
             logging.warning("moved the files of %s to damaged-%s.*", prefix,
                             os.path.basename(prefix))
         kept = _prefixes(self.directory)
-        tf.compat.v1.train.update_checkpoint_state(self.directory, kept[0],
-                                                   all_model_checkpoint_paths=kept[::-1])
+        # With timestamps later than the last preserved one, or the manager would take the
+        # kept checkpoints for preserved ones and never delete them.
+        now = time.time()
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, kept[0], all_model_checkpoint_paths=kept[::-1],
+            all_model_checkpoint_timestamps=[now] * len(kept), last_preserved_timestamp=now - 1)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
                                                   max_to_keep=KEEP)
 

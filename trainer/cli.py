@@ -22,6 +22,10 @@ def _parse(argv):
     except flags.Error as error:
         sys.stderr.write(f"error: {error}; see --helpfull\n")
         sys.exit(2)
+    except UnicodeDecodeError as error:  # absl reads a --flagfile as UTF-8 text
+        sys.stderr.write(f"error: a --flagfile is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start}): save it as UTF-8\n")
+        sys.exit(2)
     except SystemExit:
         # absl exits 1 after printing help; asking for help is not a failure.
         if any(arg in HELP for arg in argv[1:]):

@@ -17,8 +17,11 @@ import yaml
 from trainer.errors import UserError, first_line
 
 STRATEGIES = ("auto", "cpu", "gpu", "multiworker", "tpu")
-# The names of model.BACKBONES, known here so that a wrong name is found before TensorFlow loads.
-BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50", "small_cnn")
+# The backbones of model.BACKBONES with each one's default --fine_tune_at (the first layer
+# phase 2 trains: MobileNetV2's 100 is the TF tutorial's), known here so that a wrong name is
+# found, and the config records the layer, before TensorFlow loads.
+FINE_TUNE_AT = {"mobilenet_v2": 100, "efficientnet_b0": 221, "resnet50": 143, "small_cnn": 10}
+BACKBONES = tuple(FINE_TUNE_AT)
 PRECISIONS = ("auto", "off", "bf16", "fp16")
 SWITCHES = ("auto", "on", "off")
 # Keras preprocessing layers by name; "tutorial" is the TF tutorial's flip + rotate.
@@ -140,6 +143,8 @@ class Config:
         for name in ("dropout", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 found.append((name, "must be in [0, 1)"))
+        if not 0 <= self.seed < 2**32:
+            found.append(("seed", f"must be from 0 to {2**32 - 1}"))
         if self.fine_tune_at is not None and self.fine_tune_at < 0:
             found.append(("fine_tune_at", "must be 0 or more"))
         unknown = [name for name in self.augmentations() if name not in AUGMENTATIONS]
@@ -332,6 +337,7 @@ def resolve(flag_values, environ=os.environ, read_text=_read_with_tensorflow):
                         f"{', '.join(BACKBONES)}")
     if not config_path and "data" not in given:
         _check_smoke_backbone(given)
+    _default_fine_tune_at(config)
     if not config.model_dir:
         config.model_dir = environ.get("AIP_MODEL_DIR") or os.path.join(
             "runs", config_name(config_path) if (config_path or "data" not in given) else "default")
@@ -339,6 +345,13 @@ def resolve(flag_values, environ=os.environ, read_text=_read_with_tensorflow):
         where = f"--{name}" if name in given else f"config file {config_path}: {name}"
         raise UserError(f"{where}={getattr(config, name)!r} {message}")
     return config
+
+
+def _default_fine_tune_at(config):
+    """The backbone's default layer where none is given: config.yaml records the layer
+    trained from, and a run recorded before this resolved it compares equal."""
+    if config.fine_tune_at is None:
+        config.fine_tune_at = FINE_TUNE_AT.get(config.backbone)
 
 
 def data_root(data):
@@ -376,10 +389,16 @@ def from_yaml_text(text, source):
     if unknown:
         raise UserError(f"{source} has unknown keys {unknown}: it was written by another version; "
                         f"use another --model_dir or --overwrite")
-    return Config(**values)
+    config = Config(**values)
+    _default_fine_tune_at(config)
+    return config
 
 
 def differences(old, new):
-    """Fields, other than RUN_INDEPENDENT ones, whose values differ between two configs."""
+    """Fields, other than RUN_INDEPENDENT ones, whose values differ between two configs (a
+    default --fine_tune_at is the backbone's layer)."""
+    old, new = dataclasses.replace(old), dataclasses.replace(new)
+    for config in (old, new):
+        _default_fine_tune_at(config)
     return [(field, getattr(old, field), getattr(new, field)) for field in _FIELDS
             if field not in RUN_INDEPENDENT and getattr(old, field) != getattr(new, field)]

@@ -50,9 +50,11 @@ def from_tensorflow(data, multiworker):
     except (tf.errors.ResourceExhaustedError, OSError) as error:
         if "No space left on device" not in str(error):
             raise
-        where = re.search(r"(/[^\s;']+?)(?:_temp\b|[\s;']|$)", str(error))
+        # The first path in the message, past the op's device (/job:localhost/...).
+        where = [path for path in re.findall(r"(/[^\s;'}]+?)(?:_temp\b|[\s;'}]|$)",
+                                             str(error)) if not path.startswith("/job:")]
         raise UserError(f"a disk is full (No space left on device"
-                        f"{' writing ' + where[1] if where else ''}); free some space, then run "
+                        f"{' writing ' + where[0] if where else ''}); free some space, then run "
                         "the same command to resume") from None
     except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as error:
         raise UserError(f"cannot write ({op_reason(error)}); fix the folder or its permissions; "

@@ -59,6 +59,11 @@ def load(export_dir):
                  f"no serving_default (signatures: {', '.join(signatures) or 'none'})")
         raise UserError(f"{export_dir} is not a trainer export: expected serving_default("
                         f"image_bytes: string[batch]), found {found}")
+    outputs = serve.structured_outputs
+    if not {"probabilities", "classes"} <= set(outputs):
+        raise UserError(f"{export_dir} is not a trainer export: its serving_default returns "
+                        f"{', '.join(sorted(outputs)) or 'nothing'}, not probabilities and "
+                        "classes")
     return serve
 
 

@@ -14,6 +14,7 @@ import typing
 import keras
 import numpy as np
 
+from trainer import config as config_lib
 from trainer import files
 from trainer.errors import UserError, first_line
 
@@ -42,20 +43,19 @@ def _application(constructor):
 class Backbone:
     build: typing.Callable        # (input_shape, weights: 'imagenet' | None | path) -> Model
     preprocess: typing.Callable   # raw 0..255 RGB -> what the backbone was trained on
-    fine_tune_at: int             # default first layer trained in phase 2
     has_imagenet_weights: bool = True
     min_image_size: int = 32      # Keras applications refuse smaller inputs
 
 
 BACKBONES = {
     "mobilenet_v2": Backbone(_application(keras.applications.MobileNetV2),
-                             keras.applications.mobilenet_v2.preprocess_input, 100),
+                             keras.applications.mobilenet_v2.preprocess_input),
     # EfficientNet rescales inside the model; its preprocess_input is the identity.
     "efficientnet_b0": Backbone(_application(keras.applications.EfficientNetB0),
-                                keras.applications.efficientnet.preprocess_input, 221),
+                                keras.applications.efficientnet.preprocess_input),
     "resnet50": Backbone(_application(keras.applications.ResNet50),
-                         keras.applications.resnet50.preprocess_input, 143),
-    "small_cnn": Backbone(_small_cnn, lambda x: x / 127.5 - 1.0, 10, has_imagenet_weights=False,
+                         keras.applications.resnet50.preprocess_input),
+    "small_cnn": Backbone(_small_cnn, lambda x: x / 127.5 - 1.0, has_imagenet_weights=False,
                           min_image_size=8),
 }
 # Past this a batch outgrows a machine's memory long before training starts: 32 images of
@@ -89,9 +89,23 @@ def check(backbone_name, image_size, base_weights):
                         "backbones do best near the 224 px they were trained at")
 
 
+def random_frozen_backbone(config):
+    """A warning when phase 1 would train a head on a frozen backbone that has no weights: a
+    random pretrained architecture passes on almost nothing of its input (MobileNetV2's
+    pooled features are about 1e-11), so the loss stays at chance and nothing says why."""
+    if config.base_weights != "none" or not config.epochs or \
+            not lookup(config.backbone).has_imagenet_weights:
+        return None
+    return (f"--base_weights=none leaves {config.backbone} random, and phase 1 trains the head "
+            "on its frozen features, which carry almost nothing of the images: the loss will "
+            "stay near chance. Pass --base_weights=imagenet or a weights file; to train from "
+            "scratch, give --epochs=0 --fine_tune_at=0")
+
+
 def fine_tune_layer(backbone_name, fine_tune_at):
     """--fine_tune_at, or the backbone's default when it is not given."""
-    return lookup(backbone_name).fine_tune_at if fine_tune_at is None else fine_tune_at
+    lookup(backbone_name)
+    return config_lib.FINE_TUNE_AT[backbone_name] if fine_tune_at is None else fine_tune_at
 
 
 def trainable_parameters(classifier, fine_tune_at):
@@ -127,9 +141,12 @@ def build_backbone(backbone_name, base_weights, image_size):
     except Exception as error:  # Keras raises plain Exception for a failed download.
         reason = first_line(error)
         if weights == "imagenet":
-            raise UserError(f"could not get ImageNet weights for {backbone_name} ({reason}); "
-                            "without internet access copy the weights file to a bucket or disk "
-                            "and pass --base_weights=PATH") from None
+            # Keras's message is the whole URL, then " -- " and the reason: the reason alone.
+            reason = first_line(str(error).rpartition(" -- ")[2] or error)
+            raise UserError(f"could not download the ImageNet weights of {backbone_name} "
+                            f"({reason}): where there is no internet access, copy the weights "
+                            "file to a bucket or disk and pass --base_weights=PATH, or train "
+                            "from scratch with --base_weights=none") from None
         if weights:
             raise UserError(f"--base_weights={base_weights} does not fit {backbone_name} without "
                             f"top at {image_size} px: {reason}") from None
@@ -209,9 +226,7 @@ def set_phase(classifier, phase, fine_tune_at):
     if phase == "head":
         backbone.trainable = False
         return
-    if fine_tune_at >= len(backbone.layers):
-        raise UserError(f"--fine_tune_at={fine_tune_at} but {backbone.name} has only "
-                        f"{len(backbone.layers)} layers")
+    check_fine_tune_at(backbone, fine_tune_at)
     backbone.trainable = True
     for layer in backbone.layers[:fine_tune_at]:
         layer.trainable = False
@@ -221,6 +236,13 @@ def set_phase(classifier, phase, fine_tune_at):
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
+
+
+def check_fine_tune_at(backbone, fine_tune_at):
+    if fine_tune_at >= len(backbone.layers):
+        raise UserError(f"--fine_tune_at={fine_tune_at} but {backbone.name} has only "
+                        f"{len(backbone.layers)} layers: give a layer index below "
+                        f"{len(backbone.layers)}")
 
 
 # How far below --fine_tune_at a cut may move, taking frozen layers into the trainable top, to
@@ -237,6 +259,7 @@ class Cut:
     the head) trains on them. The bottom is frozen and, like the whole backbone, runs in
     inference mode, so its outputs for an image never change."""
     layer: int            # the first backbone layer in the top
+    fine_tune_at: int     # the first one trained: the layers between stay frozen in the top
     bottom: keras.Model   # raw images -> [tensors at the cut]
     top: keras.Model      # [tensors at the cut] -> logits
     both: keras.Model     # raw images -> [pooled features, *tensors at the cut]: both phases' pass
@@ -255,6 +278,7 @@ def cut(classifier, fine_tune_at):
     frozen layers produce and trainable ones consume, the smallest such set (in values per
     image) within CUT_SEARCH_LAYERS layers below fine_tune_at."""
     backbone = classifier.backbone
+    check_fine_tune_at(backbone, fine_tune_at)
     candidates = []
     for layer in range(fine_tune_at, max(fine_tune_at - CUT_SEARCH_LAYERS, 1) - 1, -1):
         tensors = _tensors_at(backbone, layer)
@@ -278,7 +302,7 @@ def cut(classifier, fine_tune_at):
                       classifier.head(pool(above(unlist(inputs), training=False))), name="top")
     both = keras.Model(images, [pool(above(unlist(at_cut), training=False)), *at_cut],
                        name="both")
-    return Cut(-layer, keras.Model(images, at_cut, name="bottom"), top, both)
+    return Cut(-layer, fine_tune_at, keras.Model(images, at_cut, name="bottom"), top, both)
 
 
 def _tensors_at(backbone, layer):

@@ -1,7 +1,11 @@
 """What a job keeps in --model_dir (local or gs://), and whether a run there is new, half
 done or complete.
 
-    config.yaml  labels.txt  metrics.json  checkpoints/  logs/{train,validation}/  export/
+    config.yaml  labels.txt  data.json  metrics.json  checkpoints/  logs/{train,validation}/
+    export/
+
+data.json records what the run trains on (each split's count per class and fingerprint), so
+that a run resumes only on the data it started with.
 
 Vertex AI's AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR, when set, take the place of
 checkpoints/ and logs/.
@@ -14,6 +18,7 @@ import tensorflow as tf
 
 from trainer import config as config_lib
 from trainer import files
+from trainer import sources
 from trainer.errors import UserError, first_line
 
 
@@ -40,7 +45,8 @@ class Layout:
 def wipe(layout):
     """Deletes the run in layout: what --overwrite asks for, after check() said 'overwrite'."""
     for path in (layout.checkpoint_dir, layout.log_dir, layout.export_dir,
-                 layout.path("metrics.json"), layout.path("labels.txt"), layout.path("config.yaml")):
+                 layout.path("metrics.json"), layout.path("labels.txt"), layout.path("config.yaml"),
+                 layout.path(DATA_RECORD)):
         files.remove_tree(path)
 
 
@@ -95,9 +101,48 @@ def ensure_writable(layout):
                         f"{first_line(error.message)}; choose a folder you can write to") from None
 
 
-def write_start(layout, config, class_names):
+DATA_RECORD = "data.json"
+SPLITS = ("train", "validation")
+
+
+def data_record(source):
+    """What the run trains on: each split's examples per class and fingerprint (for image
+    folders, their paths, labels and content hashes; see sources.fingerprint)."""
+    return {name: {"per_class": {class_name: int(count) for class_name, count in zip(
+                       source.class_names, split.class_counts(len(source.class_names)))},
+                   "fingerprint": sources.fingerprint(split)}
+            for name, split in zip(SPLITS, (source.train, source.validation))}
+
+
+def check_same_data(layout, record, data):
+    """A run resumes only on the data it started with: another set of examples would change
+    the steps of an epoch, the order of every batch, and the history already recorded."""
+    path = layout.path(DATA_RECORD)
+    if not files.exists(path):
+        return  # recorded by a version before this check
+    recorded = files.read_json(path)
+    changes = []
+    for name in SPLITS:
+        before, after = recorded.get(name, {}), record[name]
+        if before.get("fingerprint") == after["fingerprint"]:
+            continue
+        counts = before.get("per_class", {})
+        moved = [f"{class_name} {counts.get(class_name, 0)} -> {after['per_class'].get(class_name, 0)}"
+                 for class_name in sorted({*counts, *after["per_class"]})
+                 if counts.get(class_name, 0) != after["per_class"].get(class_name, 0)]
+        changes.append(f"{name}: {', '.join(moved)}" if moved else
+                       f"{name}: the same counts per class, but other files or contents")
+    if changes:
+        raise UserError(f"the data in --data={data} changed since the run in {layout.model_dir} "
+                        f"started ({'; '.join(changes)}): a run resumes only on the data it "
+                        "started with; restore that data, or start again with --overwrite (or "
+                        "another --model_dir)")
+
+
+def write_start(layout, config, class_names, record):
     files.write_text(layout.path("config.yaml"), config.to_yaml())
     files.write_lines(layout.path("labels.txt"), class_names)
+    files.write_json(layout.path(DATA_RECORD), record)
 
 
 def write_metrics(layout, metrics):

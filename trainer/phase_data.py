@@ -63,10 +63,14 @@ def phase_inputs(config, cut):
                                   "--fine_tune_at to cache the outputs of")
     else:
         shapes = " + ".join("x".join(map(str, shape)) for shape in cut.shapes)
-        fine_tune = Inputs(True, f"the activations entering backbone layer {cut.layer} "
+        below = cut.fine_tune_at - cut.layer
+        moved = (f", {below} frozen layer(s) below --fine_tune_at={cut.fine_tune_at}, where "
+                 "fewer values cross" if below else "")
+        fine_tune = Inputs(True, f"the activations entering backbone layer {cut.layer}{moved} "
                                  f"({shapes}, {cut.bytes_per_image(2) / 1024:.1f} KB an image "
-                                 "as float16), cached in the same pass: the layers from there "
-                                 "up, the pooling and the head run on them")
+                                 "as float16 unless their values do not fit it, then twice "
+                                 "that as float32), cached in the same pass: the layers from "
+                                 "there up, the pooling and the head run on them")
     return {"head": head, "fine_tune": fine_tune}
 
 
@@ -96,9 +100,6 @@ class PhaseData:
         self._versions = {}  # --feature_cache entry: the version a publish is conditional on
         # (model, validation inputs) of the cached phase being trained, for the final report.
         self._validation = None
-
-    def close(self):
-        self._store.close()
 
     def model(self, phase):
         """What a training step of `phase` runs: the head on features, the top above the cut

@@ -35,6 +35,9 @@ def describe(config, schedule, strategy, source, layout, state, trainable_params
         if phase.name == "head" and len(head_settings) > 1:
             lines += sweep.plan(head_settings)
     lines.append(f"  weights       {config.backbone}: {config.base_weights}")
+    warning = model.random_frozen_backbone(config)
+    if warning:
+        lines.append(f"  warning       {warning}")
     lines.append(f"  model_dir     {layout.model_dir} ({state})")
     lines.append(f"  outputs       config.yaml, labels.txt, metrics.json, report.png, export/"
                  f"{', model.tflite' if config.export_tflite else ''} in the model_dir")

@@ -6,6 +6,9 @@ and last `dataset_info.json`: counts per split and class, shards, the image poli
 files skipped with reasons. `--data=OUTPUT` then
 trains from the shards. Images are stored as they are, or with --max_side=N re-encoded as
 JPEG with the longer side at most N, so that training decodes less.
+
+TensorFlow is loaded once the flags are known to be good (in main, and by the functions that
+need it), so that --help and a flag error answer at once.
 """
 
 import concurrent.futures
@@ -16,14 +19,10 @@ import os
 from absl import flags
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from trainer import config as config_lib
 from trainer.config import Config
-from trainer import files
-from trainer import records
-from trainer import sources
-from trainer.cli import run_main
+from trainer.cli import quiet_tensorflow_load, run_main
 from trainer.errors import UserError, first_line
 
 flags.DEFINE_string("images", None, "Image folder ROOT with train/<class>/ (and optionally "
@@ -46,6 +45,7 @@ FLAGS = flags.FLAGS
 def encode(path, max_side):
     """The bytes to store: the file itself, or a downscaled JPEG of it; None, with the reason,
     for an image that cannot be re-encoded (one image never stops the conversion)."""
+    from trainer import files
     content = files.retrying(lambda: files.read_bytes(path), Config.storage_retry_seconds,
                              f"reading {path}")
     if not max_side:
@@ -66,6 +66,8 @@ def encode(path, max_side):
 def write_split(name, split, num_classes, output, pool):
     """Shards one split in a seeded order; returns its dataset_info entry and the images it
     had to leave out, as (path, reason)."""
+    import tensorflow as tf
+    from trainer import files, records
     order = np.random.default_rng(FLAGS.seed).permutation(len(split))
     encoded = list(pool.map(lambda i: encode(split.paths[i], FLAGS.max_side), order))
     skipped = [(str(split.paths[i]), why) for i, (_, why) in zip(order, encoded) if why]
@@ -96,6 +98,7 @@ def write_split(name, split, num_classes, output, pool):
 def _remove_earlier_output(output):
     """Removes what an earlier prepare wrote to output: a dataset --overwrite replaces, or the
     shards of one that was stopped before it finished (it has no dataset_info.json)."""
+    from trainer import files, records
     if not files.exists(output):
         return
     earlier = [name for name in files.listdir(output) if records.written_first(name)
@@ -110,6 +113,10 @@ def main(argv):
     del argv
     if not FLAGS.images or not FLAGS.output:
         raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
+    with quiet_tensorflow_load():
+        import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+    from trainer import files, records, sources
     output = FLAGS.output.rstrip("/")
     info_path = files.join(output, records.DATASET_INFO)
     if files.exists(info_path) and not FLAGS.overwrite:

@@ -33,16 +33,27 @@ def evaluation_metrics(probabilities, labels, paths, class_names, worst=10):
 
 
 def plot(history, confusion, class_names, path, head_sweep=None):
+    """report.png (see figure()), written to path."""
+    from matplotlib import pyplot
+    drawn = figure(history, confusion, class_names, head_sweep)
+    buffer = io.BytesIO()
+    drawn.savefig(buffer, format="png", dpi=80)
+    pyplot.close(drawn)
+    files.write_bytes(path, buffer.getvalue())
+
+
+def figure(history, confusion, class_names, head_sweep=None):
     """Loss and accuracy per epoch for both phases, the phase boundary marked (as in the TF
     tutorial's plot), the validation confusion matrix, and with --head_sweep every head's
-    validation accuracy in phase 1 (sweep.summary's); written as PNG to path."""
+    validation accuracy in phase 1 (sweep.summary's)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
+    from matplotlib import ticker
 
     epochs = [row["epoch"] for row in history]
     panels = 4 if head_sweep else 3
-    figure, axes = pyplot.subplots(1, panels, figsize=(16 * panels / 3, 4.8))
+    drawn, axes = pyplot.subplots(1, panels, figsize=(16 * panels / 3, 4.8))
     for axis, metric in zip(axes[:2], ("accuracy", "loss")):
         axis.plot(epochs, [row[metric] for row in history], "o-", label=f"training {metric}")
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-",
@@ -51,7 +62,7 @@ def plot(history, confusion, class_names, path, head_sweep=None):
         if head_epochs and len(head_epochs) < len(history):
             axis.axvline(max(head_epochs) + 0.5, color="grey", linestyle="--",
                          label="start fine-tuning")
-        axis.set_xlabel("epoch")
+        _whole_epochs(axis, ticker)
         axis.set_title(metric.capitalize())
         axis.legend()
     confusion = np.asarray(confusion)
@@ -66,21 +77,34 @@ def plot(history, confusion, class_names, path, head_sweep=None):
     axes[2].set_title("Validation confusion matrix")
     if head_sweep:
         _plot_heads(axes[3], head_sweep)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    pyplot.close(figure)
-    files.write_bytes(path, buffer.getvalue())
+        _whole_epochs(axes[3], ticker)
+    drawn.tight_layout()
+    return drawn
+
+
+def _whole_epochs(axis, ticker):
+    """Epochs are whole numbers, and values are shown as they are: no offset such as
+    1e-6+6.931e-1 above an axis whose values hardly change."""
+    axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axis.yaxis.get_major_formatter().set_useOffset(False)
+
+
+# More heads than this in the legend would cover the panel: the chosen one is named alone.
+LEGEND_HEADS = 8
 
 
 def _plot_heads(axis, head_sweep):
     """Every head's validation accuracy per epoch; the chosen one bold."""
-    for index, head in enumerate(head_sweep["heads"]):
+    heads = head_sweep["heads"]
+    for index, head in enumerate(heads):
         chosen = index == head_sweep["chosen"]
+        named = chosen or len(heads) <= LEGEND_HEADS
         axis.plot([row["epoch"] for row in head["history"]],
                   [row["val_accuracy"] for row in head["history"]], "o-",
                   linewidth=3 if chosen else 1, alpha=1 if chosen else 0.6,
-                  label=head["name"] + (" (chosen)" if chosen else ""))
-    axis.set_xlabel("epoch")
-    axis.set_title("Head sweep: validation accuracy")
+                  color=None if named else "grey",
+                  label=head["name"] + (" (chosen)" if chosen else "") if named else None)
+    others = "" if len(heads) <= LEGEND_HEADS else f" ({len(heads) - 1} others in grey)"
+    axis.set_title(f"Head sweep: validation accuracy{others}")
     axis.legend(fontsize="small")

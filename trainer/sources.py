@@ -19,7 +19,7 @@ import tensorflow as tf
 from trainer import files
 from trainer import records
 from trainer.config import Config
-from trainer.errors import UserError, first_line
+from trainer.errors import UserError, first_line, op_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMBALANCE_RATIO = 1.5
@@ -162,16 +162,21 @@ def _need_held_out(validation_split, why):
 
 
 def find_unreadable(paths, max_pixels, retry_seconds):
-    """({index: why} of the files to skip, the content hash of every file). Skipped: too many
-    pixels (read from the header, never decoded), or rejected by the decoder training uses. A
-    read that storage fails transiently is retried for up to retry_seconds, never counted as a
-    bad image."""
+    """({index: why} of the files to skip, the content hash of every file). Skipped: files that
+    cannot be read (a dangling link, a folder named like an image), too many pixels (read from
+    the header, never decoded), or rejected by the decoder training uses. A read that storage
+    fails transiently is retried for up to retry_seconds, never counted as a bad image."""
     def check(index):
-        content = files.retrying(lambda: files.read_bytes(paths[index]), retry_seconds,
-                                 f"reading {paths[index]}")
+        try:
+            content = files.retrying(lambda: files.read_bytes(paths[index]), retry_seconds,
+                                     f"reading {paths[index]}")
+        except tf.errors.OpError as error:  # not transient: a dangling link, a folder, ...
+            # TensorFlow's message is "PATH; reason": the reason alone, so that files
+            # skipped for the same one are counted together.
+            return "", f"cannot be read ({op_reason(error).rpartition('; ')[2]})"
         digest = hashlib.blake2b(content, digest_size=16).hexdigest()
         try:
-            pixels = _header_pixels(content)
+            pixels = header_pixels(content)
             if pixels is not None and pixels > max_pixels:
                 return digest, f"more than --max_image_pixels={max_pixels} pixels"
             tf.io.decode_image(content, channels=3, expand_animations=False)
@@ -187,7 +192,7 @@ def find_unreadable(paths, max_pixels, retry_seconds):
             np.array([digest for digest, _ in checked]))
 
 
-def _header_pixels(content):
+def header_pixels(content):
     """Width x height from an image file's header, without decoding it; None for a header this
     does not know, which the decoder then judges."""
     if content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) >= 24:

@@ -39,7 +39,7 @@ def main(argv):
     # that --help and a wrong flag answer at once.
     with quiet_tensorflow_load():
         import tensorflow as tf
-    from trainer import files, model, outputs, train
+    from trainer import files, model, outputs
     tf.get_logger().setLevel("ERROR")
     model.check(config.backbone, config.image_size, config.base_weights)
     if config.feature_cache:
@@ -56,26 +56,35 @@ def main(argv):
         print(_dry_run_plan(config, run, layout, state))
         return
     _announce(config, run)
-    outputs.ensure_writable(layout)
-    with errors.from_tensorflow(config.data, run.kind == "multiworker"), \
-            lease.held(config.model_dir, run.chief):
-        if state == "overwrite" and run.chief:
-            outputs.wipe(layout)
+    with errors.from_tensorflow(config.data, run.kind == "multiworker"):
+        # Before anything is written: a model that cannot be built leaves no folder behind.
         with run.strategy.scope():
             classifier = model.build(config.backbone, config.base_weights, config.image_size,
                                      len(run.source.class_names), config.dropout,
                                      config.augmentations())
-        with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
-                           run.source, layout.checkpoint_dir, layout.log_dir,
-                           run.chief) as trainer:
-            _announce_inputs(trainer)
-            resumed_step = _restore(trainer, layout, config, run.chief)
-            with _exit_when_stopped():
-                trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
-                trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
-            evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
-            if run.chief:
-                _write_report(trainer, evaluation, config, layout, resumed_step, began)
+        if config.fine_tune_epochs:
+            model.check_fine_tune_at(classifier.backbone, model.fine_tune_layer(
+                config.backbone, config.fine_tune_at))
+        outputs.ensure_writable(layout)
+        with lease.held(config.model_dir, run.chief):
+            if state == "overwrite" and run.chief:
+                outputs.wipe(layout)
+            _train(config, run, classifier, layout, began)
+
+
+def _train(config, run, classifier, layout, began):
+    """Both phases, then the evaluation, the export and the report."""
+    from trainer import train
+    with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
+                       run.source, layout.checkpoint_dir, layout.log_dir, run.chief) as trainer:
+        _announce_inputs(trainer)
+        resumed_step = _restore(trainer, layout, config, run.chief)
+        with _exit_when_stopped():
+            trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
+            trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
+        evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
+        if run.chief:
+            _write_report(trainer, evaluation, config, layout, resumed_step, began)
 
 
 def check_no_arguments(argv):
@@ -122,7 +131,7 @@ def _set_up(config):
 def _announce(config, run):
     import keras
     import tensorflow as tf
-    from trainer import sources
+    from trainer import model, sources
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}", flush=True)
     if tuple(int(part) for part in tf.__version__.split(".")[:2]) < OLDEST_TESTED_TENSORFLOW:
         logging.warning("TensorFlow %s is older than %s, the oldest this trainer is tested with: "
@@ -133,6 +142,9 @@ def _announce(config, run):
     imbalance = sources.imbalance(run.source.train, run.source.class_names)
     if imbalance and config.class_weight != "auto":
         logging.warning(imbalance)
+    random_backbone = model.random_frozen_backbone(config)
+    if random_backbone:
+        logging.warning(random_backbone)
 
 
 def _announce_inputs(trainer):
@@ -174,13 +186,25 @@ def _restore(trainer, layout, config, chief):
     """Resumes from the latest checkpoint, if any, and records the run's config; returns the
     step resumed from, or None."""
     from trainer import outputs
+    record = outputs.data_record(trainer.source)
     resumed_step = trainer.restore()
     if resumed_step is not None:
-        print(f"resuming from epoch {resumed_step // trainer.schedule.steps_per_epoch} "
-              f"(step {resumed_step} of {trainer.schedule.total_steps})", flush=True)
+        outputs.check_same_data(layout, record, config.data)
+        print(resume_line(resumed_step, trainer.schedule), flush=True)
     if chief:
-        outputs.write_start(layout, config, trainer.source.class_names)
+        outputs.write_start(layout, config, trainer.source.class_names, record)
     return resumed_step
+
+
+def resume_line(step, schedule):
+    """Where a resumed run goes on: the epoch it continues, and how far into it."""
+    total = schedule.total_steps
+    if step >= total:
+        return f"resuming at step {step} of {total}: training is done; evaluating and exporting"
+    epoch, done = divmod(step, schedule.steps_per_epoch)
+    into = f"{done} of its {schedule.steps_per_epoch} steps done" if done else "from its start"
+    return (f"resuming at step {step} of {total}: epoch {epoch + 1}/"
+            f"{schedule.fine_tune.end_epoch}, {into}")
 
 
 def _evaluate_and_export(trainer, config, layout, chief):

@@ -105,7 +105,7 @@ class Schedule:
 
 class Trainer:
     """Trains the classifier phase by phase. A context manager: leaving it, however, removes
-    the feature files and scratch folders it made."""
+    the scratch folder a worker other than the chief saves to."""
 
     def __init__(self, config, strategy, schedule, execution, classifier, source,
                  checkpoint_dir, log_dir, chief):
@@ -175,7 +175,6 @@ class Trainer:
     def close(self):
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
-        self.data.close()
 
     # -- checkpoints (see checkpoints.py) -----------------------------------------------------
 
@@ -278,9 +277,11 @@ class Trainer:
             sums = sums.numpy().astype(np.float64)
             step += chunk
             if not np.isfinite(sums[:, 0]).any():
+                kept = ("the last good checkpoint was kept" if self.checkpoints.latest else
+                        "no checkpoint had been written yet")
                 raise UserError(f"training loss became {sums[0, 0]} by step {step} (epoch "
-                                f"{epoch + 1}, phase {phase.name}); the last good checkpoint "
-                                "was kept: lower the learning rate and run again")
+                                f"{epoch + 1}, phase {phase.name}); {kept}: lower the learning "
+                                "rate and run again")
             self.record.add(step, sums, self.config.log_every_steps)
             self.step.assign(step)
             stop = float(stops) > 0
