@@ -111,8 +111,8 @@ def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
     assert abs(metrics["val_accuracy"] - single_process["val_accuracy"]) <= 0.15
     assert "validation accuracy" in results[0][1] and "validation accuracy" not in results[1][1]
     # Only the chief wrote: the worker's scratch checkpoints and export are gone.
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.yaml", "export", "labels.txt",
-                                             "logs", "metrics.json", "report.png"]
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.yaml", "data.json", "export",
+                                             "labels.txt", "logs", "metrics.json", "report.png"]
     assert not os.listdir(tmp_path / "tmp1")
 
 

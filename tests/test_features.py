@@ -51,6 +51,7 @@ def test_cached_and_uncached_runs_agree(tmp_path, uncached):
     assert metrics["cache_bytes_per_image"] == 128 * 4 + 6 * 6 * 64 * 2
     assert not uncached[2]["cached_features"]
     # float16 activations in phase 2: see test_train's test_both_cached_phases_train_like...
+    assert len(metrics["history"]) == len(uncached[2]["history"]) == 4
     for mine, theirs in zip(metrics["history"], uncached[2]["history"]):
         assert mine["phase"] == theirs["phase"]
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -67,6 +68,7 @@ def test_features_over_the_memory_budget_go_to_a_file(tmp_path, uncached, cache_
     model_dir, stdout, metrics = _train(tmp_path, "on_disk", "--cache_features=on",
                                         "--memory_budget_mb=0", env=cli_env(TMPDIR=str(temp)))
     assert "KB an image; activations as float16, in files in the temp dir" in stdout
+    assert len(metrics["history"]) == len(uncached[2]["history"]) == 4
     for mine, theirs in zip(metrics["history"], uncached[2]["history"]):
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-3, abs=1e-4)
     assert not os.listdir(temp)  # the feature file was removed

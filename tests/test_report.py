@@ -54,6 +54,10 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
                          "--epochs=1", "--fine_tune_epochs=0", "--batch_size=8",
                          "--class_weight=auto")
     assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "class imbalance" not in trained.stderr  # balanced: nothing left to warn about
+    from tests.test_train import tiny_trainer
+    with tiny_trainer(tmp_path / "in_process", data=root, class_weight="auto") as trainer:
+        np.testing.assert_allclose(trainer.class_weights.numpy(), weights)
 
 
 def test_tflite_export_agrees_with_the_saved_model(tmp_path):

@@ -93,3 +93,15 @@ def test_evaluation_counts_each_example_once_for_every_model():
         logits = model(INPUTS[:5].astype(np.float32)).numpy()
         assert loss == pytest.approx(steps.loss(LABELS[:5], logits).numpy().mean(), rel=1e-5)
         assert accuracy == pytest.approx((logits.argmax(-1) == LABELS[:5]).mean())
+
+
+@pytest.mark.parametrize("class_weights, moved", [([1.0, 0.0], False), ([1.0, 1.0], True)])
+def test_class_weights_weigh_each_examples_gradient(class_weights, moved):
+    """A batch of class 1 alone: a weight of 0 for it leaves the model where it was."""
+    model = _model()
+    before = [weight.numpy() for weight in model.weights]
+    steps.train_function(tf.distribute.get_strategy(), [_learner(model)], 8,
+                         tf.constant(class_weights), False)(
+        iter(_batches(INPUTS, np.ones(8), np.ones(8), 8)), tf.constant(1), tf.constant(0.0))
+    changed = any(not np.array_equal(old, new.numpy()) for old, new in zip(before, model.weights))
+    assert changed is moved

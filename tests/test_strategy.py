@@ -120,13 +120,15 @@ def test_gpu_without_gpus_is_an_error(cuda, advice):
             strategy.create("gpu", "", {})
 
 
-@pytest.mark.parametrize("gpus, expected", [(1, tf.distribute.OneDeviceStrategy),
-                                            (2, tf.distribute.MirroredStrategy)])
-def test_gpu_strategy_by_count(gpus, expected):
+@pytest.mark.parametrize("gpus, expected, arguments", [
+    (1, tf.distribute.OneDeviceStrategy, ("/gpu:0",)),  # on the GPU, not the CPU
+    (2, tf.distribute.MirroredStrategy, ()),            # every GPU TensorFlow sees
+])
+def test_gpu_strategy_by_count(gpus, expected, arguments):
     with mock.patch.object(tf.config, "list_physical_devices", return_value=["gpu"] * gpus), \
             mock.patch.object(tf.distribute, expected.__name__, return_value="made") as make:
         assert strategy.create("gpu", "", {})[0] == "made"
-    make.assert_called_once()
+    make.assert_called_once_with(*arguments)
 
 
 def _resolver(task_type, task_id, cluster):

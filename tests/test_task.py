@@ -337,12 +337,13 @@ def test_mixed_precision_trains_and_exports(tmp_path, precision, policy):
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
                          *TINY_MODEL, "--learning_rate=1e-2",
-                         f"--mixed_precision={precision}", "--image_size=32", "--epochs=2",
+                         f"--mixed_precision={precision}", "--image_size=32", "--epochs=5",
                          "--fine_tune_epochs=1", "--steps_per_execution=4")
     assert process.returncode == 0, process.stderr[-2000:]
     assert f"{policy}, 4 step(s) per execution" in process.stdout
     metrics = read_metrics(model_dir)
-    assert metrics["global_steps"] == 36 and metrics["val_accuracy"] > 0.5
+    # Three classes: chance is 0.33; these settings reach 0.83 (bf16) and 0.84 (fp16) here.
+    assert metrics["global_steps"] == 72 and metrics["val_accuracy"] >= 0.7
 
 
 @pytest.fixture

@@ -306,6 +306,7 @@ def test_both_cached_phases_train_like_the_whole_model(tmp_path, backbone, size,
     assert [name for name, inputs in cached[3].data.inputs.items() if inputs.cached] == [
         "head", "fine_tune"]
     assert {array.dtype.name for array in cached[3].data._arrays_of["fine_tune"][0]} == {stored}
+    assert len(cached[0]) == len(whole[0]) == 4 and len(cached[1]) == len(whole[1]) > 0
     for mine, theirs in zip(cached[0], whole[0]):
         assert mine["phase"] == theirs["phase"]
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):

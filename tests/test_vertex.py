@@ -267,7 +267,9 @@ def test_trainer_writes_where_vertex_says(gcs, tmp_path):
     assert any(name.startswith("jobs/job-1/logs/train/events") for name in written)
     assert not any(name.startswith("jobs/job-1/model/checkpoints") for name in written)
     reported = json.loads(metric_file.read_text().splitlines()[-1])
-    assert "val_accuracy" in reported and 0 <= float(reported["val_accuracy"]) <= 1
+    metrics = json.loads(gcs.client().bucket("vertex-job").blob(
+        "jobs/job-1/model/metrics.json").download_as_bytes())
+    assert float(reported["val_accuracy"]) == metrics["val_accuracy"]  # what the trial scored
 
 
 def test_scripts_pass_shellcheck():

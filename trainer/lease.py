@@ -24,6 +24,8 @@ from trainer.errors import UserError, first_line
 
 HEARTBEAT_SECONDS = 10
 STALE_SECONDS = 45
+# How often a job waiting on a live lease reads it again.
+POLL_SECONDS = 1
 NAME = ".lease"
 
 
@@ -86,7 +88,7 @@ class _Lease:
                             "renewed (a job at work) or expire (a job that was killed)",
                             _describe(holder), STALE_SECONDS)
         while holder is not None and not _stale(holder):
-            time.sleep(1)
+            _pause(POLL_SECONDS)
             holder, version = self.store.read()
             if holder is not None and version != first:
                 raise UserError(f"another job is training in this --model_dir: "
@@ -113,6 +115,10 @@ class _Lease:
         if self.thread:
             self.thread.join()
         self.store.delete()
+
+
+def _pause(seconds):
+    time.sleep(seconds)
 
 
 def _stale(holder):
