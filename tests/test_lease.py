@@ -20,8 +20,12 @@ def pauses(monkeypatch):
     monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.2)
     monkeypatch.setattr(lease, "STALE_SECONDS", 3)
     made = []
-    monkeypatch.setattr(lease, "_pause", lambda seconds: (made.append(seconds),
-                                                          time.sleep(0.05)))
+
+    def pause(seconds):
+        made.append(seconds)
+        assert len(made) < 1000, "still waiting on the lease after 1000 polls"
+        time.sleep(0.05)
+    monkeypatch.setattr(lease, "_pause", pause)
     return made
 
 

@@ -152,7 +152,7 @@ def _announce_inputs(trainer):
         print(f"phase {phase.name} trains on {trainer.data.inputs[phase.name].description}",
               flush=True)
     if trainer.data.shared and not any(trainer.data.inputs[phase.name].cached
-                                  for phase in trainer.schedule.phases):
+                                       for phase in trainer.schedule.phases):
         print(f"--feature_cache={trainer.config.feature_cache} is not used: no phase trains "
               "on what the backbone computes once", flush=True)
 
