@@ -132,3 +132,10 @@ def test_the_scripts_say_what_the_check_needs(tmp_path):
                      "--data=gs://b/cats", env=offline_env(PYTHON=str(bare)))
     assert process.returncode == 2
     assert "needs the trainer's dependencies: pip install -e ." in error_line(process)
+
+
+def test_a_preset_bucket_out_of_reach_is_one_line():
+    nothing_there = offline_env(STORAGE_EMULATOR_HOST="http://127.0.0.1:9")
+    process = preflight(JOB, "--", "--config=gs://b/configs/cats.yaml", env=nothing_there)
+    assert process.returncode == 2
+    assert "cannot read --config=gs://b/configs/cats.yaml (" in error_line(process)

@@ -36,7 +36,9 @@ def _reachable_from_vertex(path):
 def _read_preset(path):
     """The preset's text (None where it does not exist), read where the job will read it. A
     local preset is refused first; without credentials here, its values are left to the job."""
+    import requests
     from google.api_core import exceptions
+    from google.auth import exceptions as auth_exceptions
     if not buckets.credentials_at_hand():
         print(f"warning: no application-default credentials here to read --config={path}: its "
               "values are checked when the job starts (gcloud auth application-default login "
@@ -47,9 +49,10 @@ def _read_preset(path):
         return bucket.blob(name).download_as_text(timeout=20, retry=None)
     except exceptions.NotFound:
         return None
-    except exceptions.GoogleAPIError as error:
-        raise UserError(f"cannot read --config={path} ({first_line(error)}): check the path "
-                        "and your access to the bucket") from None
+    except (exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError, OSError,
+            requests.RequestException) as error:
+        raise UserError(f"cannot read --config={path} ({first_line(error)}): check the path, "
+                        "the network and your access to the bucket") from None
 
 
 def _check_preset_path(path):
