@@ -100,3 +100,20 @@ def test_the_start_time_a_holder_shows_stays_that_of_its_start(tmp_path):
             renewals.add(holder["heartbeat"])
             assert holder["started"] == first["started"]
             time.sleep(0.05)
+
+
+def test_a_job_whose_lease_is_taken_over_stops(tmp_path):
+    """Its next renewal finds another job's lease: it stops as a preempted job does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from trainer import lease\n"
+         "lease.HEARTBEAT_SECONDS = 0.2\n"
+         "with lease.held(sys.argv[1]):\n    print('holding', flush=True); sys.stdin.read()",
+         str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        _write(tmp_path / ".lease", pid=12345)  # another job takes it over
+        assert holder.wait(timeout=120) == -15  # SIGTERM: a job checkpoints, then exits 42
+    finally:
+        holder.kill()
+    assert "another job took over the lease" in holder.stderr.read()

@@ -195,3 +195,22 @@ def test_what_a_killed_publisher_left_is_removed_by_a_later_job(tmp_path):
         os.utime(left, (time.time() - 120, time.time() - 120))
     shared.publish("fifth.bin", b"z", None)
     assert sorted(os.listdir(tmp_path / "shared")) == ["fifth.bin", "first.bin", "fourth.bin"]
+
+
+def test_the_key_follows_image_size_precision_and_the_tfds_split(tmp_path):
+    import dataclasses
+    import types
+    from trainer import config as config_lib
+    from trainer import sources
+    source = sources.scan(tiny_data(tmp_path / "data"))
+    config = config_lib.Config(data="x", backbone="small_cnn", image_size=16)
+    key = cache.common_key(config, "float32", source)
+    assert cache.common_key(config, "float32", source) == key
+    assert cache.common_key(dataclasses.replace(config, image_size=32), "float32", source) != key
+    assert cache.common_key(config, "mixed_bfloat16", source) != key
+    builder = types.SimpleNamespace(info=types.SimpleNamespace(as_json='{"name": "d"}'))
+    split = dataclasses.replace(source.train, tfds=(builder, "train[:80%]"))
+    other = dataclasses.replace(source.train, tfds=(builder, "train[80%:]"))
+    assert sources.fingerprint(split) != sources.fingerprint(other)
+    assert cache.common_key(config, "float32", dataclasses.replace(source, train=split)) != \
+        cache.common_key(config, "float32", dataclasses.replace(source, train=other))

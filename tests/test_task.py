@@ -319,6 +319,43 @@ def test_a_rerun_on_changed_data_stops_instead_of_resuming(tmp_path):
         "ckpt-8.index"]
 
 
+def test_overwrite_replaces_a_finished_run_with_another_config(tmp_path):
+    root = images.folder(str(tmp_path / "data"), per_class=8, validation_per_class=3, size=32)
+    model_dir = str(tmp_path / "run")
+    args = [f"--data={root}", f"--model_dir={model_dir}", *TINY_MODEL, "--image_size=32",
+            "--fine_tune_epochs=1", "--batch_size=4"]  # 4 steps an epoch
+    assert run_module("trainer.task", *args, "--epochs=3").returncode == 0
+    refused = run_module("trainer.task", *args, "--epochs=1")
+    assert refused.returncode == 2 and "--overwrite" in error_line(refused)
+    process = run_module("trainer.task", *args, "--epochs=1", "--overwrite")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "resuming" not in process.stdout  # started afresh, not from the old checkpoints
+    metrics = read_metrics(model_dir)
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert sorted(name for name in os.listdir(os.path.join(model_dir, "checkpoints"))
+                  if name.endswith(".index")) == ["ckpt-4.index", "ckpt-8.index"]
+
+
+def test_a_vertex_job_resumes_from_aip_checkpoint_dir(tmp_path):
+    root = images.folder(str(tmp_path / "data"), per_class=8, validation_per_class=3, size=32)
+    checkpoints = str(tmp_path / "vertex" / "checkpoints")
+    env = cli_env(AIP_MODEL_DIR=str(tmp_path / "vertex" / "model"),
+                  AIP_CHECKPOINT_DIR=checkpoints)
+    args = [f"--data={root}", *TINY_MODEL, "--image_size=32", "--epochs=2",
+            "--fine_tune_epochs=1", "--batch_size=4"]  # 4 steps an epoch
+    assert run_module("trainer.task", *args, env=env).returncode == 0
+    # As if the job was restarted after epoch 2: its checkpoint is the newest left.
+    for name in os.listdir(checkpoints):
+        if name.startswith("ckpt-12.") or name == "checkpoint":
+            os.remove(os.path.join(checkpoints, name))
+    os.remove(tmp_path / "vertex" / "model" / "metrics.json")
+    process = run_module("trainer.task", *args, env=env)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "resuming at step 8 of 12: epoch 3/3, from its start" in process.stdout
+    assert not os.path.exists(tmp_path / "vertex" / "model" / "checkpoints")
+    assert read_metrics(str(tmp_path / "vertex" / "model"))["resumed_from_step"] == 8
+
+
 def test_exploding_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     process = run_module("trainer.task", f"--model_dir={model_dir}", "--data=demo",
