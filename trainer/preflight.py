@@ -14,6 +14,7 @@ here loads TensorFlow: the check takes a fraction of a second.
 """
 
 import argparse
+import os
 import sys
 
 from absl import flags
@@ -58,7 +59,6 @@ def _read_preset(path):
 def _check_preset_path(path):
     if not path or _reachable_from_vertex(path):
         return
-    import os
     if not os.path.exists(path):
         raise UserError(f"config file {path} not found: check the --config path")
     raise UserError(f"--config={path} is a local file, which the job on Vertex AI cannot read: "
