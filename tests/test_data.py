@@ -5,9 +5,28 @@ import pytest
 import tensorflow as tf
 
 from tests import images
+from trainer import cache
+from trainer import caching
 from trainer import pipelines
 from trainer import sources
+from trainer.config import Config
 from trainer.errors import UserError
+
+CHECKS = ["read up front", "in the pass"]
+
+
+def checked(source, how, max_pixels=Config.max_image_pixels):
+    """The source without its bad images, found by reading them all first (sources.check), or
+    by the pass that decodes them once (caching.decode_once)."""
+    assert not source.checked and not source.skipped  # listing reads no image
+    if how == "read up front":
+        return sources.check(source, max_pixels, 5)
+    config = Config(image_size=8, batch_size=2, max_image_pixels=max_pixels)
+    image_pass = caching.ImagePass(config, tf.distribute.get_strategy(), cache.Store(2**30),
+                                   lambda: None)
+    decoded, source = caching.decode_once(config, image_pass, source)
+    assert [len(images) for [images] in decoded] == [len(source.train), len(source.validation)]
+    return source
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "bmp", "gif", "gray", "rgba", "cmyk", "png16"])
@@ -36,8 +55,11 @@ def test_a_batch_decodes_to_the_same_pixels_as_each_image_alone(tmp_path):
     np.testing.assert_array_equal(from_bytes.numpy(), alone)
 
 
-def test_scan_skips_and_counts_unreadable_files(tmp_path):
-    root = images.folder(str(tmp_path), per_class=5)
+@pytest.mark.parametrize("how", CHECKS)
+def test_unreadable_files_are_skipped_and_counted(tmp_path, how):
+    # Held out of train/ as listed, before the bad images are found: enough that some good
+    # ones of each class are held out.
+    root = images.folder(str(tmp_path), per_class=10)
     bad = [images.save_corrupt(str(tmp_path / "train" / "red" / f"bad_{kind}.jpg"), kind)
            for kind in ("truncated", "empty", "text")]
     (tmp_path / "train" / "red" / "notes.txt").write_text("ignored: not an image extension")
@@ -45,19 +67,20 @@ def test_scan_skips_and_counts_unreadable_files(tmp_path):
                   "rgba": "png", "png16": "png"}
     for kind, extension in extensions.items():
         images.save(str(tmp_path / "train" / "green" / f"odd_{kind}.{extension}"), kind=kind)
-    folder = sources.scan(root, validation_split=0.2, seed=1)
+    folder = checked(sources.scan(root, validation_split=0.2, seed=1), how)
     assert sorted(folder.skipped) == sorted(bad)
-    assert len(folder.train) + len(folder.validation) == 5 + 5 + 7
+    assert len(folder.train) + len(folder.validation) == 10 + 10 + 7
     assert folder.class_names == ["green", "red"]
 
 
-def test_links_and_folders_that_cannot_be_read_are_skipped_with_their_reason(tmp_path):
+@pytest.mark.parametrize("how", CHECKS)
+def test_links_and_folders_that_cannot_be_read_are_skipped_with_their_reason(tmp_path, how):
     root = images.folder(str(tmp_path), per_class=3)
     red = tmp_path / "train" / "red"
     (red / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (red / "loop.jpg").symlink_to(red / "loop.jpg")
     (red / "adir.jpg").mkdir()
-    folder = sources.scan(root, validation_split=0.2, seed=1)
+    folder = checked(sources.scan(root, validation_split=0.2, seed=1), how)
     assert folder.skip_reasons == {
         str(red / "dangling.jpg"): "cannot be read (No such file or directory)",
         str(red / "loop.jpg"): "cannot be read (Too many levels of symbolic links)",
@@ -99,8 +122,9 @@ def test_error_cases_name_the_folder(tmp_path):
         sources.scan(differ)
     broken = images.folder(str(tmp_path / "broken"))
     images.save_corrupt(os.path.join(broken, "train", "blue", "x.jpg"), "text")
-    with pytest.raises(UserError, match="broken/train/blue holds no readable image"):
-        sources.scan(broken)
+    for how in CHECKS:
+        with pytest.raises(UserError, match="broken/train/blue holds no readable image"):
+            checked(sources.scan(broken), how)
 
 
 def test_train_order_resumes_mid_epoch_identically():
@@ -167,10 +191,11 @@ def test_pixels_are_read_from_the_header(tmp_path, kind):
         assert sources.header_pixels(handle.read()) == 40 * 40
 
 
-def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("how", CHECKS)
+def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path, how):
     root = images.folder(str(tmp_path), per_class=3, size=40)
     big = images.save(str(tmp_path / "train" / "red" / "big.png"), size=300, kind="png")
-    source = sources.scan(root, validation_split=0.3, max_pixels=100 * 100)
+    source = checked(sources.scan(root, validation_split=0.3), how, max_pixels=100 * 100)
     assert source.skipped == [big]
     assert source.skip_reasons == {big: "more than --max_image_pixels=10000 pixels"}
     assert len(source.train) + len(source.validation) == 6

@@ -104,7 +104,7 @@ def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
     how = "read" if variable == "TF_CONFIG" else "cached"
     assert all(f"{how} backbone features and activations entering layer 10 of 360 train" in out
                for _, out, _ in results)
-    assert len(os.listdir(shared)) == 2
+    assert len(os.listdir(shared)) == 4  # features and activations, train and validation
     metrics = _metrics(model_dir)
     assert metrics["global_steps"] == single_process["global_steps"] == 3 * 12
     assert metrics["replicas"] == 2 and metrics["epochs_completed"] == 3

@@ -43,7 +43,7 @@ def test_each_phase_runs_its_part_of_the_model_on_what_was_cached(tmp_path, caps
         classifier = trainer.classifier
         assert data.model(schedule.head) is classifier.head
         assert data.model(schedule.fine_tune) is data.cut.top
-        train, (validation, steps) = data.for_phase(schedule.head, first_step=0)
+        train, (validation, steps) = data.for_phase(schedule.head, 0, schedule.end_step(schedule.head))
         assert "cached backbone features and activations entering layer" in capsys.readouterr().out
         [(features, labels, weights)] = _batches(train, 1)
         assert features.shape == (4, classifier.features.output_shape[-1])
@@ -51,7 +51,8 @@ def test_each_phase_runs_its_part_of_the_model_on_what_was_cached(tmp_path, caps
         (inputs, _, validation_weights), = _batches(validation, 1)
         assert validation_weights.tolist() == [1, 1, 0, 0]  # 2 images, padded to the batch
         # Phase 2 starts mid-way (a resume) and reads the activations of the same pass.
-        train, _ = data.for_phase(schedule.fine_tune, first_step=schedule.steps_per_epoch + 1)
+        train, _ = data.for_phase(schedule.fine_tune, schedule.steps_per_epoch + 1,
+                                  schedule.end_step(schedule.fine_tune))
         [(activations, _, _)] = _batches(train, 1)
         assert activations.shape[1:] == data.cut.shapes[0]
         assert "cached" not in capsys.readouterr().out  # no second backbone pass
@@ -62,9 +63,10 @@ def test_without_caching_every_phase_reads_images_decoded_once(tmp_path, capsys)
         data, schedule = trainer.data, trainer.schedule
         assert data.model(schedule.head) is data.model(schedule.fine_tune) is \
             trainer.classifier.model
-        train, (validation, steps) = data.for_phase(schedule.head, 0)
+        train, (validation, steps) = data.for_phase(schedule.head, 0, schedule.end_step(schedule.head))
         [(images, _, _)] = _batches(train, 1)
         assert images.shape == (4, 16, 16, 3) and steps == 1
         assert "decoded 10 images once" in capsys.readouterr().out
-        data.for_phase(schedule.fine_tune, schedule.steps_per_epoch)
+        data.for_phase(schedule.fine_tune, schedule.steps_per_epoch,
+                       schedule.end_step(schedule.fine_tune))
         assert "decoded" not in capsys.readouterr().out

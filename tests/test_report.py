@@ -1,5 +1,6 @@
 """Before and after training: the dry-run plan, imbalance, TFLite."""
 
+import json
 import os
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     plan = process.stdout
     for expected in ("strategy cpu", "1 replica(s); global batch 32, 32 per replica",
                      "circles         120          30", "total           360          90",
-                     "unreadable    0 file(s)", "phase head      epochs 1-5",
+                     "unreadable    found when the job first reads the images", "phase head      epochs 1-5",
                      "60 steps, 387 trainable parameters\n    trains on pooled backbone "
                      "features, cached in one backbone pass",
                      "phase fine_tune epochs 6-8", "backbone layers 10+ trainable",
@@ -43,10 +44,11 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
     process = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
                          *TINY_MODEL, "--image_size=32", "--batch_size=8", "--dry_run")
     assert process.returncode == 0, process.stderr[-2000:]
-    assert "class imbalance in train: green 4, red 12 (largest/smallest 3.0)" in process.stdout
+    # As listed: the broken image is found when the job reads it.
+    assert "class imbalance in train: green 4, red 13 (largest/smallest 3.2)" in process.stdout
     assert "--class_weight=auto" in process.stdout
-    assert "unreadable    1 file(s) skipped" in process.stdout and "broken.jpg" in process.stdout
-    folder = sources.scan(root)
+    assert "broken.jpg" not in process.stdout  # the plan reads no image
+    folder = sources.check(sources.scan(root), 10**6, 5)
     weights = sources.class_weights(folder.train, 2)
     assert np.allclose(weights, [16 / (2 * 4), 16 / (2 * 12)])  # green, red
     trained = run_module("trainer.task", f"--data={root}", f"--model_dir={tmp_path / 'run'}",
@@ -55,6 +57,9 @@ def test_imbalance_is_warned_and_class_weight_balances(tmp_path):
                          "--class_weight=auto")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "class imbalance" not in trained.stderr  # balanced: nothing left to warn about
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped_images"] == 1 and metrics["train_images"] == 16
+    assert metrics["skipped_examples"][0].endswith("broken.jpg")
     from tests.test_train import tiny_trainer
     with tiny_trainer(tmp_path / "in_process", data=root, class_weight="auto") as trainer:
         np.testing.assert_allclose(trainer.class_weights.numpy(), weights)

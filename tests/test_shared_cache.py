@@ -16,18 +16,20 @@ from trainer import cache
 KEY = {"backbone": "small_cnn", "image_size": 16, "outputs": "pooled backbone features"}
 
 
-def _splits():
+META = {"3": "cannot be decoded"}
+
+
+def _arrays():
     rng = np.random.default_rng(0)
-    return [[rng.normal(size=(8, 4)).astype(np.float32),
-             rng.normal(size=(8, 2, 2, 3)).astype(np.float16)],
-            [rng.normal(size=(2, 4)).astype(np.float32),
-             rng.normal(size=(2, 2, 2, 3)).astype(np.float16)]]
+    return [rng.normal(size=(8, 4)).astype(np.float32),
+            rng.normal(size=(8, 2, 2, 3)).astype(np.float16)]
 
 
-def test_an_entry_reads_back_exactly_what_was_written():
-    splits = _splits()
-    decoded = cache.decode(cache.encode(KEY, splits), KEY)
-    for written, read in zip(sum(splits, []), sum(decoded, [])):
+def test_a_chunk_reads_back_exactly_what_was_written():
+    arrays = _arrays()
+    decoded, meta = cache.decode(cache.encode(KEY, arrays, META), KEY)
+    assert meta == META
+    for written, read in zip(arrays, decoded):
         assert read.dtype == written.dtype
         np.testing.assert_array_equal(read, written)
 
@@ -40,7 +42,7 @@ def test_an_entry_reads_back_exactly_what_was_written():
     (lambda content: b"", "not a feature cache entry"),
 ])
 def test_a_damaged_entry_is_never_trusted(damage, reason):
-    content = damage(cache.encode(KEY, _splits()))
+    content = damage(cache.encode(KEY, _arrays(), META))
     with pytest.raises(cache.Damaged, match=reason):
         cache.decode(content, KEY)
 
@@ -48,7 +50,7 @@ def test_a_damaged_entry_is_never_trusted(damage, reason):
 def test_no_flipped_bit_anywhere_in_an_entry_passes_for_it():
     """Every bit of a small entry flipped in turn: the format line, the header's length and
     hash, the header with each array's dtype, shape and hash, and the arrays themselves."""
-    content = cache.encode(KEY, _splits())
+    content = cache.encode(KEY, _arrays(), META)
     escaped = []
     for bit in range(len(content) * 8):
         damaged = bytearray(content)
@@ -62,7 +64,7 @@ def test_no_flipped_bit_anywhere_in_an_entry_passes_for_it():
 
 
 def test_an_entry_of_another_key_is_never_used():
-    content = cache.encode(KEY, _splits())
+    content = cache.encode(KEY, _arrays(), META)
     with pytest.raises(cache.Damaged, match="another key"):
         cache.decode(content, {**KEY, "image_size": 32})
 
@@ -70,9 +72,11 @@ def test_an_entry_of_another_key_is_never_used():
 def _run(tmp_path, name, data, capsys, other_weights=False, **settings):
     """(stdout, history, entry files) of a tiny run sharing tmp_path/'shared'."""
     shared = str(tmp_path / "shared")
-    with tiny_trainer(tmp_path / name, data=data, feature_cache=shared, **settings) as trainer:
-        if other_weights:  # as another weights file would give
-            trainer.classifier.backbone.weights[0].assign_add(0.01)
+    # As another weights file would give.
+    adjust = (lambda classifier: classifier.backbone.weights[0].assign_add(0.01)) \
+        if other_weights else None
+    with tiny_trainer(tmp_path / name, data=data, adjust=adjust, feature_cache=shared,
+                      **settings) as trainer:
         trainer.fit(trainer.schedule.head)
         trainer.fit(trainer.schedule.fine_tune)
         history = trainer.history
@@ -87,7 +91,10 @@ def test_a_later_job_with_the_same_key_skips_the_backbone_pass(tmp_path, capsys)
     data = tiny_data(tmp_path / "data")
     first, history, entries = _run(tmp_path, "first", data, capsys)
     assert "cached backbone features and activations entering layer 7" in first
-    assert [name.split("-")[2] for name in entries] == ["activations", "features"]
+    # A chunk of rows each: 8 train and 2 validation images are one chunk a split.
+    assert [name.split("-")[2:] [:1] + name.split("-")[4:5] for name in entries] == [
+        ["activations", "train"], ["activations", "validation"], ["features", "train"],
+        ["features", "validation"]]
     second, again, _ = _run(tmp_path, "second", data, capsys)
     assert "cached backbone" not in second
     assert ("read backbone features and activations entering layer 7 of 8 train and 2 "
@@ -101,14 +108,14 @@ def test_what_determines_an_entry_is_in_its_key(tmp_path, capsys):
     # Another cut below --fine_tune_at: the features are those already kept.
     out, _, more = _run(tmp_path, "cut", data, capsys, fine_tune_at=4)
     assert "read backbone features of" in out and "cached activations entering layer" in out
-    assert len(more) == 3
+    assert len(more) == 6
     # Other backbone weights: nothing is reused.
     out, _, more = _run(tmp_path, "weights", data, capsys, other_weights=True)
-    assert "read " not in out and len(more) == 5
+    assert "read " not in out and len(more) == 10
     # One image's content changed, under the same name and size: nothing is reused.
     images.save(sorted(_image_files(data))[0], colour=(1, 2, 3), size=16, seed=99)
     out, _, more = _run(tmp_path, "changed", data, capsys)
-    assert "read " not in out and len(more) == 7
+    assert "read " not in out and len(more) == 14
 
 
 def _image_files(folder):
@@ -119,7 +126,7 @@ def _image_files(folder):
 def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, caplog):
     data = tiny_data(tmp_path / "data")
     _, history, entries = _run(tmp_path, "first", data, capsys)
-    path = tmp_path / "shared" / entries[1]
+    path = tmp_path / "shared" / entries[2]  # the features of the train images
     path.write_bytes(path.read_bytes()[:-100])
     with caplog.at_level(logging.WARNING):
         out, again, _ = _run(tmp_path, "second", data, capsys)
@@ -133,7 +140,7 @@ def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, capl
 def test_concurrent_publishers_never_show_a_reader_half_an_entry(tmp_path):
     shared = cache.SharedCache(str(tmp_path / "shared"))
     rng = np.random.default_rng(0)
-    big = [[rng.normal(size=(2000, 1000)).astype(np.float32)], [np.zeros((1, 1), np.float32)]]
+    big = [rng.normal(size=(2000, 1000)).astype(np.float32)]
     content = cache.encode(KEY, big)  # 8 MB: a write takes many system calls
     done = threading.Event()
     seen, damaged, while_publishing = [], [], []

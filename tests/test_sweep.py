@@ -75,7 +75,7 @@ def test_a_sweep_stopped_mid_epoch_resumes_bit_for_bit(tmp_path):
     with tiny_trainer(tmp_path / "stopped", **{**SETTINGS, **settings}) as first:
         # Stopped by a signal during step 3: checkpointed after it, mid-epoch 2 of phase 1.
         chunk = first._chunk
-        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+        first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
         with pytest.raises(train.Preempted):
             first.fit(first.schedule.head)

@@ -14,17 +14,20 @@ import tensorflow as tf
 
 from tests import images
 from trainer import cache
+from trainer import caching
 from trainer import config as config_lib
 from trainer import model
+from trainer import phase_data
 from trainer import sources
 from trainer import strategy as strategy_lib
 from trainer import train
 from trainer.errors import UserError
 
 
-def tiny_trainer(tmp_path, data=None, **overrides):
+def tiny_trainer(tmp_path, data=None, adjust=None, stop=None, **overrides):
     """A Trainer over 8 train images of 16 px with batch 8: one step an epoch. data: another
-    image folder to train on."""
+    image folder to train on; adjust(classifier) before the pass over the images; stop: the
+    train.StopSignals to heed."""
     source = sources.scan(data or tiny_data(tmp_path / "data"))
     values = dict(data="x", backbone="small_cnn", base_weights="none", image_size=16,
                   batch_size=8, epochs=1, fine_tune_epochs=1, learning_rate=1e-2,
@@ -34,13 +37,23 @@ def tiny_trainer(tmp_path, data=None, **overrides):
     keras.utils.set_random_seed(0)
     classifier = model.build(config.backbone, "none", config.image_size, 2, config.dropout,
                              config.augmentations())
-    schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
+    if adjust:
+        adjust(classifier)
+    stop = stop or train.StopSignals()
+    data = phase_data.read_images_once(
+        config, strategy, "float32", source, classifier,
+        model.fine_tune_layer(config.backbone, config.fine_tune_at),
+        str(tmp_path / "cache"), True, lambda: stop.between_batches(False))
+    schedule = train.Schedule.of(config, len(data.source.train), strategy.num_replicas_in_sync)
     execution = strategy_lib.execution("cpu", "off", 0, "off", schedule.steps_per_epoch)
-    return train.Trainer(config, strategy, schedule, execution, classifier, source,
+    return train.Trainer(config, strategy, schedule, execution, classifier, data, stop,
                          str(tmp_path / "checkpoints"), str(tmp_path / "logs"), True)
 
 
 def tiny_data(folder):
+    """Written once: a later trainer on the same folder sees the same files."""
+    if os.path.isdir(folder):
+        return str(folder)
     return images.folder(str(folder), per_class=4, validation_per_class=1, size=16)
 
 
@@ -87,7 +100,7 @@ def test_a_resumed_run_trains_bit_for_bit_like_an_uninterrupted_one(tmp_path, ra
     with tiny_trainer(tmp_path / "stopped", **settings) as first:
         # Stopped by a signal during step 3: checkpointed after it, mid-epoch 2.
         chunk = first._chunk
-        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+        first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
         with pytest.raises(train.Preempted):
             first.fit(first.schedule.head)
@@ -155,12 +168,62 @@ def test_feature_files_are_unlinked_while_in_use_so_no_death_leaves_them(tmp_pat
     assert trainer.history[-1]["phase"] == "fine_tune"
 
 
-def test_a_stop_asked_for_while_caching_features_stops_before_training(tmp_path):
-    with tiny_trainer(tmp_path) as trainer:
-        trainer._request_stop(signal.SIGINT, None)  # as Ctrl-C would, before the first batch
-        with pytest.raises(train.Preempted) as stopped:
-            trainer.fit(trainer.schedule.head)
-    assert (stopped.value.signal, stopped.value.step, trainer.history) == ("SIGINT", 0, [])
+def _small_chunks(monkeypatch):
+    """Chunks of 2 rows: the 8 train images of tiny_data are 4 chunks an entry."""
+    monkeypatch.setattr(caching, "CHUNK_ROWS", (2, 2))
+
+
+def test_a_stop_in_the_pass_keeps_its_chunks_and_a_rerun_reads_only_the_rest(tmp_path,
+                                                                           monkeypatch):
+    _small_chunks(monkeypatch)
+    stop, publish = train.StopSignals(), cache.SharedCache.publish
+
+    def publish_then_stop(shared, *args):  # SIGTERM as the first chunk is kept
+        publish(shared, *args)
+        stop._request(signal.SIGTERM, None)
+
+    monkeypatch.setattr(cache.SharedCache, "publish", publish_then_stop)
+    with pytest.raises(train.Preempted) as stopped:
+        tiny_trainer(tmp_path / "run", stop=stop, batch_size=2)
+    assert (stopped.value.signal, stopped.value.step) == ("SIGTERM", None)
+    # Both phases' first chunk (rows 0-1 of train) came out of the first batch.
+    kept = sorted(os.listdir(tmp_path / "run" / "cache"))
+    assert [name.rsplit("-", 3)[1:] for name in kept] == [
+        ["train", "000000000", "000000002.bin"]] * 2
+    monkeypatch.setattr(cache.SharedCache, "publish", publish)
+    with tiny_trainer(tmp_path / "run", batch_size=2) as rerun:
+        assert rerun.data.images_read == 8 + 2 - 2  # all but the chunk kept
+        rerun.fit(rerun.schedule.head)
+        rerun.fit(rerun.schedule.fine_tune)
+    with tiny_trainer(tmp_path / "fresh", batch_size=2) as fresh:
+        assert fresh.data.images_read == 8 + 2
+        fresh.fit(fresh.schedule.head)
+        fresh.fit(fresh.schedule.fine_tune)
+    assert [(row["loss"], row["val_loss"]) for row in rerun.history] == [
+        (row["loss"], row["val_loss"]) for row in fresh.history]
+
+
+def test_a_resumed_run_reads_no_image(tmp_path, monkeypatch, capsys):
+    _small_chunks(monkeypatch)
+    settings = dict(batch_size=4, epochs=1, fine_tune_epochs=2, dropout=0.5)
+    with tiny_trainer(tmp_path / "run", **settings) as first:
+        first.fit(first.schedule.head)
+    # Same sizes and times, other bytes: what a listing shows is unchanged, and any image the
+    # job read would fail to decode and be left out.
+    for image in glob.glob(str(tmp_path / "run" / "data" / "*" / "*" / "*.jpg")):
+        status = os.stat(image)
+        with open(image, "r+b") as handle:
+            handle.write(b"\0" * status.st_size)
+        os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
+    capsys.readouterr()
+    with tiny_trainer(tmp_path / "run", **settings) as resumed:
+        assert resumed.data.images_read == 0
+        assert (len(resumed.source.train), len(resumed.source.validation)) == (8, 2)
+        assert "read backbone features and activations entering layer 7 of 8 train and 2 " \
+            "validation images from " in capsys.readouterr().out
+        assert resumed.restore() == 2
+        resumed.fit(resumed.schedule.fine_tune)
+    assert len(resumed.history) == 3
 
 
 def test_schedule_derives_the_run_quantities_once():
@@ -224,7 +287,7 @@ def test_after_a_damaged_checkpoint_is_set_aside_only_the_newest_two_are_kept(tm
     settings = dict(epochs=4, fine_tune_epochs=0)  # a step an epoch
     with tiny_trainer(tmp_path, **settings) as first:
         chunk = first._chunk
-        first._chunk = lambda step, end: (step == 2 and first._request_stop(signal.SIGTERM, None)
+        first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
         with pytest.raises(train.Preempted):
             first.fit(first.schedule.head)
@@ -324,22 +387,17 @@ def test_float16_holds_activations_unless_they_overflow_or_underflow():
     assert not cache.fits_float16(rng.normal(0, 1e-9, 1000).astype(np.float32))
 
 
-def test_a_run_resumed_in_phase_two_caches_the_activations_alone_and_trains_alike(tmp_path,
-                                                                                  capsys):
+def test_a_run_resumed_in_phase_two_trains_alike(tmp_path, capsys):
     settings = dict(batch_size=4, epochs=1, fine_tune_epochs=2, dropout=0.5)
     whole = _run_both_phases(tmp_path / "whole", **settings)
     with tiny_trainer(tmp_path / "resumed", **settings) as first:
         first.fit(first.schedule.head)
-    capsys.readouterr()
     with tiny_trainer(tmp_path / "resumed", **settings) as resumed:
         assert resumed.restore() == 2
         resumed.fit(resumed.schedule.fine_tune)
-        assert "cached activations entering layer 7 of 8 train" in capsys.readouterr().out
         assert [row["loss"] for row in resumed.history] == [row["loss"] for row in whole[0]]
         for mine, theirs in zip(resumed.classifier.model.weights, whole[1]):
             np.testing.assert_array_equal(mine.numpy(), theirs)
-
-
 def test_the_resume_line_names_the_epoch_that_goes_on_and_how_far_into_it():
     from trainer import task
     schedule = train.Schedule.of(config_lib.Config(batch_size=8, epochs=4, fine_tune_epochs=5),

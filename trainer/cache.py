@@ -2,9 +2,9 @@
 
 Store holds the arrays of cached inputs or decoded images, in memory while --memory_budget_mb
 lasts and in files in the local temp dir beyond it. A --feature_cache entry is those arrays
-under a key (the backbone, its weights, preprocessing, precision, the data): encoded,
-checked when decoded, and published to a SharedCache folder so that the first of several
-writers wins. What each phase trains on, and when the pass runs, is phase_data.py's.
+under a key (the backbone, its weights, preprocessing, precision, the data), kept as chunks
+of rows: each encoded, checked when decoded, and published to a SharedCache folder so that
+the first of several writers wins. What each phase trains on, and when the pass runs, is phase_data.py's.
 It may not build models or pipelines, nor decide what a phase reads.
 """
 
@@ -52,6 +52,16 @@ class Store:
         return copy
 
 
+def compact(array, rows):
+    """array[rows] in place, for increasing rows (the examples kept): the first len(rows) rows
+    of the same array or memmap, moved a block at a time, so that no copy of the whole is
+    made. A row is only ever moved towards the front, onto rows already moved."""
+    for start in range(0, len(rows), 4096):
+        block = rows[start:start + 4096]
+        array[start:start + len(block)] = array[block]
+    return array[:len(rows)]
+
+
 def fits_float16(values):
     """Whether float16 holds a batch of activations as well as it holds any: to within its
     rounding (2^-11 of a value, 2^-10 here for slack) of the batch's largest magnitude. Values
@@ -67,11 +77,8 @@ def fits_float16(values):
 
 # -- --feature_cache: what the backbone pass gives, kept for later jobs ---------------------
 
-FORMAT = "trainer-feature-cache-v2"
+FORMAT = "trainer-feature-cache-v3"
 _MAGIC = FORMAT.encode() + b"\n"
-SPLITS = ("train", "validation")
-
-
 class Damaged(Exception):
     """An entry that cannot be trusted: cut short, altered, or of another key."""
 
@@ -96,7 +103,7 @@ def common_key(config, policy, source):
             "preprocessing": [pipelines.PIXELS,
                               f"{preprocess.__module__}.{preprocess.__qualname__}"],
             "precision": policy, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "data": {name: sources.fingerprint(getattr(source, name)) for name in SPLITS}}
+            "data": {name: sources.fingerprint(getattr(source, name)) for name in sources.SPLITS}}
 
 
 _POOLED = "pooled backbone features"
@@ -118,32 +125,31 @@ def entry_key(common, phase, computing, cut):
             "weights": weights_digest(computing)}
 
 
-def entry_name(key):
-    """The entry's file name: the backbone and image size for people, a hash of the key."""
+def chunk_name(key, split, start, end):
+    """The file of rows [start, end) of an entry's split: the backbone and image size for
+    people, a hash of the entry's key, the rows."""
     text = json.dumps(key, sort_keys=True)
     kind = "features" if key["outputs"] == _POOLED else "activations"
     return (f"{key['backbone']}-{key['image_size']}px-{kind}-"
-            f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.bin")
+            f"{hashlib.sha256(text.encode()).hexdigest()[:32]}-{split}-{start:09d}-{end:09d}.bin")
 
 
-def encode(key, splits):
-    """An entry's bytes: the format line, the header's length and SHA-256, the header (the key,
-    and each array's dtype, shape and hash), then the arrays. splits: [train arrays,
-    validation arrays]."""
-    arrays = [np.ascontiguousarray(array) for split in splits for array in split]
-    header = {"key": key, "arrays": [
-        {"split": name, "dtype": array.dtype.name, "shape": list(array.shape),
-         "sha256": hashlib.sha256(array.data).hexdigest()}
-        for name, split in zip(SPLITS, splits) for array in split]}
+def encode(key, arrays, meta=None):
+    """A chunk's bytes: the format line, the header's length and SHA-256, the header (the key,
+    `meta`, and each array's dtype, shape and hash), then the arrays."""
+    arrays = [np.ascontiguousarray(array) for array in arrays]
+    header = {"key": key, "meta": meta or {}, "arrays": [
+        {"dtype": array.dtype.name, "shape": list(array.shape),
+         "sha256": hashlib.sha256(array.data).hexdigest()} for array in arrays]}
     text = json.dumps(header).encode()
     return b"".join([_MAGIC, len(text).to_bytes(8, "little"), hashlib.sha256(text).digest(),
                      text, *(array.tobytes() for array in arrays)])
 
 
 def decode(content, key):
-    """[train arrays, validation arrays] of an entry's bytes; raises Damaged when they are
-    not exactly what encode(key, ...) wrote: every byte is covered by the format line, the
-    header's hash or an array's hash, so no damage can pass for an entry."""
+    """(arrays, meta) of a chunk's bytes; raises Damaged when they are not exactly what
+    encode(key, ...) wrote: every byte is covered by the format line, the header's hash or an
+    array's hash, so no damage can pass for a chunk."""
     if not content.startswith(_MAGIC):
         raise Damaged("not a feature cache entry of this version")
     start = len(_MAGIC) + 8 + 32
@@ -154,7 +160,7 @@ def decode(content, key):
     header = json.loads(text)
     if header.get("key") != key:
         raise Damaged("it holds another key")
-    splits, offset = {name: [] for name in SPLITS}, start + length
+    arrays, offset = [], start + length
     for entry in header["arrays"]:
         dtype = np.dtype(entry["dtype"])
         size = int(np.prod(entry["shape"])) * dtype.itemsize
@@ -162,10 +168,10 @@ def decode(content, key):
         offset += size
         if len(data) < size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise Damaged("its arrays are cut short or altered")
-        splits[entry["split"]].append(np.frombuffer(data, dtype).reshape(entry["shape"]))
+        arrays.append(np.frombuffer(data, dtype).reshape(entry["shape"]))
     if offset != len(content):
         raise Damaged("it has bytes past its arrays")
-    return [splits[name] for name in SPLITS]
+    return arrays, header["meta"]
 
 
 # A publisher's temporary file is taken for abandoned once it is unchanged this long and its
@@ -181,8 +187,9 @@ class SharedCache:
     condition that the object is still what this job last saw (absent, or the damaged one it
     replaces), so of several trials writing at once the first wins and none is harmed."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, described=None):
         self.folder = folder.rstrip("/")
+        self.described = described or self.folder  # how the job's lines name it
         self._gcs_errors = None  # google.api_core.exceptions, for a gs:// folder
         self.transient = (OSError,)  # what reading or publishing may raise and survive
         if self.folder.startswith("gs://"):

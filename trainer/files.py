@@ -126,6 +126,29 @@ def listdir(path):
     return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(path))
 
 
+def stamps(folder):
+    """{file name: stamp} of the files in a folder, from one listing and without reading them:
+    a stamp says "this exact content" as far as storage tells without a read (a local file's
+    size and modification time in ns; a gs:// object's size and generation, which every
+    write changes). An entry that cannot be stat'ed (a dangling link) gets "unreadable"."""
+    if folder.startswith("gs://"):
+        from trainer import buckets
+        bucket, prefix = buckets.gcs_bucket(folder, "--data")
+        prefix = prefix.rstrip("/") + "/"
+        return {blob.name[len(prefix):]: f"{blob.size}:{blob.generation}"
+                for blob in bucket.list_blobs(prefix=prefix, delimiter="/")
+                if blob.name != prefix}
+    found = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                status = entry.stat()
+                found[entry.name] = f"{status.st_size}:{status.st_mtime_ns}"
+            except OSError:
+                found[entry.name] = "unreadable"
+    return found
+
+
 def isdir(path):
     return tf.io.gfile.isdir(path)
 

@@ -2,7 +2,7 @@
 done or complete.
 
     config.yaml  labels.txt  data.json  metrics.json  checkpoints/  logs/{train,validation}/
-    export/
+    export/  cache/ (while the run is not complete: see caching.py)
 
 data.json records what the run trains on (each split's count per class and fingerprint), so
 that a run resumes only on the data it started with.
@@ -41,10 +41,16 @@ class Layout:
     def export_dir(self):
         return self.path("export")
 
+    @property
+    def cache_dir(self):
+        """Where the pass over the images keeps its chunks without --feature_cache (see
+        caching.py), until the run completes."""
+        return self.path("cache")
+
 
 def wipe(layout):
     """Deletes the run in layout: what --overwrite asks for, after check() said 'overwrite'."""
-    for path in (layout.checkpoint_dir, layout.log_dir, layout.export_dir,
+    for path in (layout.checkpoint_dir, layout.log_dir, layout.export_dir, layout.cache_dir,
                  layout.path("metrics.json"), layout.path("labels.txt"), layout.path("config.yaml"),
                  layout.path(DATA_RECORD)):
         files.remove_tree(path)
@@ -107,7 +113,7 @@ SPLITS = ("train", "validation")
 
 def data_record(source):
     """What the run trains on: each split's examples per class and fingerprint (for image
-    folders, their paths, labels and content hashes; see sources.fingerprint)."""
+    folders, as listed: their paths, labels and stamps; see sources.fingerprint)."""
     return {name: {"per_class": {class_name: int(count) for class_name, count in zip(
                        source.class_names, split.class_counts(len(source.class_names)))},
                    "fingerprint": sources.fingerprint(split)}

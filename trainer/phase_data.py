@@ -7,25 +7,20 @@ phases:
 - phase 1 (head): the head alone trains on the pooled backbone features;
 - phase 2 (fine_tune): the top (backbone layers from the cut up, the pooling and the head)
   trains on the activations at the cut below --fine_tune_at (model.cut), stored as float16.
-With --feature_cache they are read from a shared folder where a job with the same key kept
-them, and published there once computed. Otherwise (--augment, --cache_features=off) the whole
-model trains on images decoded once into memory, or streamed and decoded every epoch. Under
-multi-worker each worker computes its share of the pass and gathers the rest, and all agree on
-what is read and what is computed.
+The pass that computes them, kept in chunks for resume and for later jobs, is caching.py's.
+Otherwise (--augment, --cache_features=off) the whole model trains on images decoded once into
+memory, or streamed and decoded every epoch.
 
-It owns the arrays (in a cache.Store, whose storage and keys are cache.py's) and the tf.data
-pipelines over them or over the images. It trains nothing, and it checkpoints nothing: the
-loop (train.py) calls it, and it calls back only to stop between batches of a long pass.
+It holds what the pass gave and makes the tf.data pipelines over it or over the images. It
+trains nothing, and it checkpoints nothing: the loop (train.py) calls it.
 """
 
 import dataclasses
-import time
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer import cache
+from trainer import caching
 from trainer import errors
 from trainer import model as model_lib
 from trainer import pipelines
@@ -74,30 +69,48 @@ def phase_inputs(config, cut):
     return {"head": head, "fine_tune": fine_tune}
 
 
+def read_images_once(config, strategy, policy, source, classifier, fine_tune_at, run_cache,
+                     chief, stop_check):
+    """The PhaseData of a run, after the pass over the images that finds the bad ones and
+    computes what the phases train on (caching.py). The backbone pass keeps its chunks in
+    --feature_cache, else in run_cache (--model_dir/cache)."""
+    cut = fine_tune_cut(config, classifier, fine_tune_at)
+    inputs = phase_inputs(config, cut)
+    phases = [name for name, epochs in (("head", config.epochs),
+                                        ("fine_tune", config.fine_tune_epochs)) if epochs]
+    for name in phases:
+        print(f"phase {name} trains on {inputs[name].description}", flush=True)
+    if config.feature_cache and not any(inputs[name].cached for name in phases):
+        print(f"--feature_cache={config.feature_cache} is not used: no phase trains on what "
+              "the backbone computes once", flush=True)
+    cache_folder = ((config.feature_cache, f"--feature_cache {config.feature_cache}")
+                    if config.feature_cache else (run_cache, run_cache))
+    computed, store = caching.read_images_once(config, strategy, policy, source, classifier,
+                                               cut, inputs, cache_folder, chief, stop_check)
+    return PhaseData(config, strategy, computed, classifier, cut, inputs, store)
+
+
 class PhaseData:
     """The training batches and validation data of each phase, for one run. A phase's data
     starts at a given step: the order follows from the step alone, for exact resume."""
 
-    def __init__(self, config, strategy, schedule, execution, source, classifier, fine_tune_at,
-                 chief, stop_check):
+    def __init__(self, config, strategy, computed, classifier, cut, inputs, store):
         self.config = config
         self.strategy = strategy
-        self.schedule = schedule
-        self.source = source
+        self.global_batch = config.batch_size
+        self.source = computed.source
         self.classifier = classifier
-        self.chief = chief
-        self.cut = fine_tune_cut(config, classifier, fine_tune_at)
-        self.inputs = phase_inputs(config, self.cut)
-        self.cache_bytes_per_image = 0  # of what the backbone pass cached, all phases
-        self.shared = cache.SharedCache(config.feature_cache) if config.feature_cache else None
-        self._stop_check = stop_check  # called between batches of a long pass
-        self._policy = execution.policy
+        self.cut = cut
+        self.inputs = inputs
+        self._store = store
+        self.images_read = computed.from_storage  # by the pass, this time
+        self._decoded = computed.decoded  # images decoded once, for the phases that read images
+        self._arrays_of = dict(computed.arrays_of)  # phase: [train, validation] cached inputs
+        images = len(self.source.train) + len(self.source.validation)
+        # Of what the backbone pass cached, all phases.
+        self.cache_bytes_per_image = sum(array.nbytes for splits in self._arrays_of.values()
+                                         for split in splits for array in split) // images
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        self._store = cache.Store(config.memory_budget_mb * 2**20)
-        self._decoded = None  # images decoded once, for the phases that read images
-        self._arrays_of = {}  # phase name: [train, validation] cached inputs, lists of arrays
-        self._common_key = None  # the job-wide part of a --feature_cache key, once needed
-        self._versions = {}  # --feature_cache entry: the version a publish is conditional on
         # (model, validation inputs) of the cached phase being trained, for the final report.
         self._validation = None
 
@@ -108,22 +121,21 @@ class PhaseData:
             return self.classifier.model
         return self.classifier.head if phase.name == "head" else self.cut.top
 
-    def for_phase(self, phase, first_step):
-        """(training batches from first_step to the end of the phase, (validation dataset,
+    def for_phase(self, phase, first_step, end_step):
+        """(training batches of steps [first_step, end_step) of the phase, (validation dataset,
         its steps)): cached inputs, or images decoded once into memory, or images streamed and
         decoded every epoch."""
-        end_step = self.schedule.end_step(phase)
-        train, batch = self.source.train, self.schedule.global_batch
+        train, batch = self.source.train, self.global_batch
         order = pipelines.train_order(len(train), batch, self.config.seed, first_step, end_step)
         weights = pipelines.train_weights(len(train), batch, first_step, end_step)
         self._validation = None
         if self.inputs[phase.name].cached:
-            train_inputs, validation_inputs = self._cached(phase, first_step)
+            if phase.name == "fine_tune":
+                self._arrays_of.pop("head", None)  # the backbone changes from here on
+            train_inputs, validation_inputs = self._arrays_of[phase.name]
             self._validation = (self.model(phase), validation_inputs)
             return (self._arrays(train_inputs, train, order, weights),
                     self._validation_data(validation_inputs))
-        if self._decoded is None:
-            self._decoded = self._decode_once() or ()
         if self._decoded:
             train_images, validation_images = self._decoded
             return (self._arrays(train_images, train, order, weights),
@@ -137,212 +149,41 @@ class PhaseData:
     def _validation_data(self, arrays=None):
         """The validation split, each example once, from arrays of decoded images or cached
         inputs, else from the image files; with the steps that cover it."""
-        split, batch = self.source.validation, self.schedule.global_batch
+        split, batch = self.source.validation, self.global_batch
         order, weights = pipelines.evaluation_order(len(split), batch)
         dataset = (self._arrays(arrays, split, order, weights) if arrays is not None
-                   else self._images(split, order, weights))
+                   else self.strategy.distribute_datasets_from_function(
+                       lambda context: pipelines.pipeline(split, order, weights, batch,
+                                                          self.config.image_size, context)))
         return dataset, len(order) // batch
 
-    def _images(self, split, order, weights):
-        batch, size = self.schedule.global_batch, self.config.image_size
-        return self.strategy.distribute_datasets_from_function(
-            lambda context: pipelines.pipeline(split, order, weights, batch, size, context))
-
     def _arrays(self, arrays, split, order, weights):
-        batch = self.schedule.global_batch
+        batch = self.global_batch
         return self.strategy.distribute_datasets_from_function(
             lambda context: pipelines.array_pipeline(arrays, split.labels, order, weights,
                                                      batch, context))
-
-    def _cached(self, phase, step):
-        """[train, validation] cached inputs of `phase`, each a list of arrays with a row an
-        example. The first call computes them together with those of the cached phase still
-        to come: one backbone pass for both phases (the frozen part does not change in
-        either). With --feature_cache, what is found there is read instead, and what is
-        computed is published there for later jobs."""
-        if phase.name in self._arrays_of:
-            if phase.name == "fine_tune":
-                self._arrays_of.pop("head", None)  # the backbone changes from here on
-            return self._arrays_of[phase.name]
-        wanted = [later.name for later in self.schedule.phases
-                  if self.inputs[later.name].cached and step < self.schedule.end_step(later)
-                  and later.end_epoch >= phase.end_epoch]
-        keys = {name: self._entry_key(name) for name in wanted} if self.shared else {}
-        began = time.time()
-        found = self._read_shared(keys)
-        missing = self._everywhere([name for name in wanted if name not in found])
-        read = [name for name in wanted if name not in missing]
-        self._arrays_of.update({name: found[name] for name in read})
-        if read:
-            self._announce(read, time.time() - began, self.shared.folder)
-        if missing:
-            self._compute(missing)
-            if self.chief:
-                self._publish_shared({name: keys[name] for name in missing if name in keys})
-        return self._arrays_of[phase.name]
-
-    def _compute(self, names):
-        """The backbone pass: what phases `names` train on, into self._arrays_of."""
-        features = self.classifier.features
-        outputs = {"head": [(features.output_shape[1:], np.float32)]}
-        if self.cut:
-            outputs["fine_tune"] = [(shape, np.float16) for shape in self.cut.shapes]
-        if names == ["head"]:
-            model = features
-        else:  # the phase-1 features come out of the top of the same pass
-            model = self.cut.bottom if names == ["fine_tune"] else self.cut.both
-        began = time.time()
-        splits = [self._outputs(lambda images: model(images, training=False),
-                                [spec for name in names for spec in outputs[name]], split)
-                  for split in (self.source.train, self.source.validation)]
-        for name in names:
-            count = len(outputs[name])
-            self._arrays_of[name] = [arrays[:count] for arrays in splits]
-            splits = [arrays[count:] for arrays in splits]
-        self._announce(names, time.time() - began)
-
-    # -- --feature_cache (see cache.SharedCache) ---------------------------------------------
-
-    def _entry_key(self, name):
-        if self._common_key is None:
-            self._common_key = cache.common_key(self.config, self._policy, self.source)
-        computing = self.classifier.features if name == "head" else self.cut.bottom
-        return cache.entry_key(self._common_key, name, computing, self.cut)
-
-    def _read_shared(self, keys):
-        """{phase name: [train, validation] arrays} of the entries found whole for `keys`; a
-        damaged one is reported and left to be computed again."""
-        found = {}
-        for name, key in keys.items():
-            entry = cache.entry_name(key)
-            try:
-                content, self._versions[entry] = self.shared.read(entry)
-                if content is None:
-                    continue
-                found[name] = [[self._store.copy(array, array.dtype) for array in arrays]
-                               for arrays in cache.decode(content, key)]
-            except cache.Damaged as damaged:
-                logging.warning("feature cache entry %s is damaged (%s): computing it again",
-                                self.shared.path(entry), damaged)
-            except self.shared.transient as error:
-                logging.warning("could not read the feature cache entry %s (%s): computing it",
-                                self.shared.path(entry), errors.first_line(error))
-        return found
-
-    def _publish_shared(self, keys):
-        for name, key in keys.items():
-            entry = cache.entry_name(key)
-            try:
-                published = self.shared.publish(entry, cache.encode(key, self._arrays_of[name]),
-                                                 self._versions.get(entry))
-            except self.shared.transient as error:
-                logging.warning("could not write the feature cache entry %s (%s): later jobs "
-                                "compute it again", self.shared.path(entry),
-                                errors.first_line(error))
-                continue
-            print(f"{'kept' if published else 'another job kept'} {cache.describe(key)} in "
-                  f"{self.shared.path(entry)} for later jobs with the same key", flush=True)
-
-    def _everywhere(self, names):
-        """Of `names`, those missing on any worker: every worker must run the backbone pass
-        together (its gathers are collective), so one that misses an entry makes all run."""
-        if not self._multiworker:
-            return names
-        phases = ("head", "fine_tune")
-        flags = tf.constant([float(name in names) for name in phases])
-        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                     self.strategy.run(tf.function(lambda: tf.identity(flags))),
-                                     axis=None)
-        return [name for name, count in zip(phases, total.numpy()) if count > 0]
-
-    def _announce(self, names, seconds, shared_folder=None):
-        """What phases `names` train on was computed in `seconds`, or read from
-        --feature_cache's shared_folder."""
-        parts = {"head": ("backbone features", "the head trains on the features")}
-        if self.cut:
-            parts["fine_tune"] = (f"activations entering layer {self.cut.layer}",
-                                  "phase fine_tune trains the top on the activations")
-        what, who = zip(*(parts[name] for name in names))
-        arrays = [array for name in names for split in self._arrays_of[name] for array in split]
-        size = sum(array.nbytes for array in arrays)
-        images = len(self.source.train) + len(self.source.validation)
-        self.cache_bytes_per_image = sum(array.nbytes for splits in self._arrays_of.values()
-                                         for split in splits for array in split) // images
-        on_disk = any(isinstance(array, np.memmap) for array in arrays)
-        stored = ("; activations as " + ", ".join(sorted({array.dtype.name for array in
-                                                         self._arrays_of["fine_tune"][0]}))
-                  if "fine_tune" in names else "")
-        images_line = (f"{' and '.join(what)} of {len(self.source.train)} train and "
-                       f"{len(self.source.validation)} validation images")
-        done = (f"read {images_line} from --feature_cache {shared_folder} in {seconds:.1f}s, "
-                "no backbone pass" if shared_folder else f"cached {images_line} in {seconds:.1f}s")
-        print(f"{done} ({size / 2**20:.1f} MB, {size / images / 1024:.1f} KB an image{stored}"
-              f"{', in files in the temp dir' if on_disk else ''}): "
-              f"{'; '.join(who)} (--cache_features)", flush=True)
-
-    # -- images decoded once -----------------------------------------------------------------
-
-    def _decode_once(self):
-        """Train and validation images decoded and resized once, when they fit within what is
-        left of --memory_budget_mb, so that later epochs skip decoding; else None."""
-        size = self.config.image_size
-        count = len(self.source.train) + len(self.source.validation)
-        if count * size * size * 3 * 4 > self._store.memory_left:
-            return None
-        began = time.time()
-        decoded = [self._outputs(tf.identity, [((size, size, 3), np.float32)], split)[0]
-                   for split in (self.source.train, self.source.validation)]
-        print(f"decoded {count} images once in {time.time() - began:.1f}s "
-              f"({count * size * size * 12 / 2**20:.0f} MB in memory): later epochs read "
-              "them from there", flush=True)
-        return [[array] for array in decoded]
-
-    def _outputs(self, function, specs, split):
-        """function(images), a tensor or a list of them, for every example of split: one pass
-        under the strategy, each worker computing its share, gathered from all replicas so
-        that every worker holds them all (each epoch's shuffle gives a worker other examples:
-        the data order follows from the global step alone, for exact resume).
-        specs: (shape, numpy dtype) of each output; a float16 one is stored as float32 from the
-        first batch float16 would not hold (see cache.fits_float16). Returns a list of arrays,
-        one row an example."""
-        batch = self.schedule.global_batch
-        order, weights = pipelines.evaluation_order(len(split), batch)
-        iterator = iter(self._images(split, order, weights))
-
-        @tf.function
-        def compute(iterator):
-            images, _, _ = next(iterator)
-            per_replica = self.strategy.run(
-                lambda x: [tf.cast(y, tf.float32) for y in model_lib.as_list(function(x))],
-                args=(images,))
-            return [self.strategy.gather(value, axis=0) for value in per_replica]
-
-        results = [self._store.allocate((len(split), *shape), dtype) for shape, dtype in specs]
-        for step in range(len(order) // batch):
-            self._stop_check()
-            # Padding rows repeat the first examples and write the same values again.
-            rows = order[step * batch:(step + 1) * batch]
-            for index, values in enumerate(compute(iterator)):
-                values = values.numpy()
-                if results[index].dtype == np.float16 and not cache.fits_float16(values):
-                    results[index] = self._store.copy(results[index], np.float32)
-                results[index][rows] = values
-        return results
 
     def predict_validation(self):
         """Class probabilities of every validation example: from the cached inputs when the
         run ended in a cached phase, else one pass over the images."""
         if self._validation is not None:
             model, arrays = self._validation
-            batch = self.schedule.global_batch  # the activations of a batch through the top
+            batch = self.global_batch  # the activations of a batch through the top
             logits = np.concatenate([
                 model(model_lib.unlist([array[start:start + batch].astype(np.float32, copy=False)
                                         for array in arrays]), training=False)
                 for start in range(0, len(arrays[0]), batch)])
             return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
         inference = self.classifier.inference
+        image_pass = caching.ImagePass(self.config, self.strategy, self._store, lambda: None)
         with errors.from_tensorflow(self.config.data, self._multiworker):
-            [logits] = self._outputs(lambda images: inference(images, training=False),
-                                     [(inference.output_shape[1:], np.float32)],
-                                     self.source.validation)
+            [logits], bad = image_pass.outputs(
+                lambda images: inference(images, training=False),
+                [(inference.output_shape[1:], np.float32)], self.source.validation)
+        if bad:
+            row, why = next(iter(bad.items()))
+            raise errors.UserError(
+                f"{self.source.validation.paths[row]} {why} for the validation report, though "
+                "it was read before: check it and run the same command again (training is "
+                "kept)")
         return tf.nn.softmax(logits).numpy()

@@ -138,6 +138,64 @@ def pipeline(split, order, weights, global_batch, image_size, context, determini
     return dataset.prefetch(AUTOTUNE)
 
 
+def image_pass(split, rows, global_batch, image_size, max_pixels, context):
+    """One input pipeline's per-replica (rows, images) batches over `rows` of a split (in
+    increasing order; for a prepared or TFDS split, a range up to its end), for a pass that
+    reads each image once and also finds the bad ones: an image file that cannot be read or
+    decoded, or has more than max_pixels (from its header, before decoding), is left out and
+    its row never given (records, which prepare or TFDS checked, are not left out). Batches are padded to whole global batches with row -1.
+
+    Leaving out moves this pipeline's later images forward: when global batch S has been
+    consumed, every row of the first S + 1 global batches of `rows` has been given or left out."""
+    padded = np.full(steps_per_epoch(len(rows), global_batch) * global_batch, -1, np.int64)
+    padded[:len(rows)] = rows
+    mine = shard(padded, global_batch, context)
+    per_replica = context.get_per_replica_batch_size(global_batch)
+    if split.is_stream:
+        examples = _records_from(split, int(rows[0]), len(padded), global_batch, context)
+    else:
+        examples = tf.data.Dataset.from_tensor_slices(
+            (mine, np.where(mine >= 0, split.paths[np.maximum(mine, 0)], "")))
+    blank = (tf.constant(-1, tf.int64), tf.zeros([image_size, image_size, 3]))
+
+    def load(row, item):
+        def decoded():
+            # Paths are read here, in parallel with decoding (remote reads are slow).
+            contents = item if split.is_stream else tf.io.read_file(item)
+            pixels = tf.numpy_function(_pixels, [contents], tf.int64, stateful=False)
+            with tf.control_dependencies([tf.debugging.Assert(pixels <= max_pixels, [row])]):
+                return decode_and_resize(contents, image_size)
+        return row, tf.cond(row >= 0, decoded, lambda: blank[1])
+
+    dataset = examples.map(load, num_parallel_calls=AUTOTUNE)
+    if not split.is_stream:  # a damaged shard is an error to report, not an image to skip
+        dataset = dataset.ignore_errors()
+    dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat()).take(len(mine))
+    return dataset.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def _pixels(contents):
+    pixels = sources.header_pixels(contents)
+    return np.int64(-1 if pixels is None else pixels)
+
+
+def _records_from(split, start, count, global_batch, context):
+    """(row, encoded image) of this pipeline's share of a prepared or TFDS split's records
+    from `start` on, padded with row -1 to `count` positions in all."""
+    per_pipeline = global_batch // context.num_input_pipelines
+    if split.tfds:
+        stream = sources.tfds_examples(*split.tfds).map(lambda contents, label, _: contents)
+    else:
+        stream = tf.data.TFRecordDataset(split.shards).batch(global_batch).map(
+            lambda batch: records.parse_batch(batch)[0]).unbatch()
+    rows = tf.data.Dataset.range(start, len(split))
+    stream = tf.data.Dataset.zip((rows, stream.skip(start))).concatenate(
+        tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b""))).repeat())
+    stream = stream.take(count).enumerate().filter(
+        lambda position, _: (position % global_batch) // per_pipeline == context.input_pipeline_id)
+    return stream.map(lambda _, example: example)
+
+
 def array_pipeline(arrays, labels, order, weights, global_batch, context):
     """Like pipeline(), over examples already computed: decoded images or cached model inputs
     (a list of arrays or memmaps, one row per example; float16 ones come out as float32). The

@@ -57,9 +57,13 @@ def _data_lines(source):
     for name, train, validation in zip(source.class_names, *counts):
         lines.append(f"    {name:<{width}}{train:>8}{validation:>12}")
     lines.append(f"    {'total':<{width}}{len(source.train):>8}{len(source.validation):>12}")
-    lines.append(f"  unreadable    {len(source.skipped)} file(s) skipped"
-                 + "".join(f"\n    {path}: {source.skip_reasons.get(path, 'skipped')}"
-                           for path in source.skipped[:10]))
+    if source.checked:
+        lines.append(f"  unreadable    {len(source.skipped)} file(s) skipped"
+                     + "".join(f"\n    {path}: {source.skip_reasons.get(path, 'skipped')}"
+                               for path in source.skipped[:10]))
+    else:
+        lines.append("  unreadable    found when the job first reads the images (the plan "
+                     "reads none); left out then, and listed in metrics.json")
     warning = sources.imbalance(source.train, source.class_names)
     if warning:
         lines.append(f"  warning       {warning}")

@@ -44,12 +44,13 @@ FLAGS = flags.FLAGS
 
 def encode(path, max_side):
     """The bytes to store: the file itself, or a downscaled JPEG of it; None, with the reason,
-    for an image that cannot be re-encoded (one image never stops the conversion)."""
-    from trainer import files
-    content = files.retrying(lambda: files.read_bytes(path), Config.storage_retry_seconds,
-                             f"reading {path}")
-    if not max_side:
-        return content, None
+    for an image that cannot be read, decoded or re-encoded (one image never stops the
+    conversion). Each image is read once, here."""
+    from trainer import sources
+    content, why = sources.read_checked(path, FLAGS.max_image_pixels,
+                                        Config.storage_retry_seconds)
+    if not max_side or why:
+        return content, why
     try:
         image = Image.open(io.BytesIO(content))
         if max(image.size) <= max_side:
@@ -64,35 +65,43 @@ def encode(path, max_side):
 
 
 def write_split(name, split, num_classes, output, pool):
-    """Shards one split in a seeded order; returns its dataset_info entry and the images it
-    had to leave out, as (path, reason)."""
+    """Shards one split in a seeded order, streaming: a window of images in memory at a time.
+    Returns its dataset_info entry and the images it had to leave out, as (path, reason)."""
     import tensorflow as tf
-    from trainer import files, records
+    from trainer import files, progress, records, sources
     order = np.random.default_rng(FLAGS.seed).permutation(len(split))
-    encoded = list(pool.map(lambda i: encode(split.paths[i], FLAGS.max_side), order))
-    skipped = [(str(split.paths[i]), why) for i, (_, why) in zip(order, encoded) if why]
-    order = np.array([i for i, (_, why) in zip(order, encoded) if not why], dtype=int)
-    contents = [content for content, why in encoded if not why]
-    total = sum(len(content) for content in contents)
+    # The listing's sizes: the shards' count is known before any image is read.
+    listed = sum(int(stamp.partition(":")[0]) for stamp in split.stamps if stamp[0].isdigit())
     count = max(min(FLAGS.min_shards, len(order)),
-                math.ceil(total / (FLAGS.shard_size_mb * 2**20)))
+                math.ceil(listed / (FLAGS.shard_size_mb * 2**20)))
     bounds = np.linspace(0, len(order), count + 1).astype(int)
-    shards = []
+    kept, skipped, total, shards, per_shard = [], [], 0, [], []
+    report = progress.Report(f"{name} images prepared", len(order))
     for shard in range(count):
         shard_name = f"{name}-{shard:05d}-of-{count:05d}.tfrecord"
+        part = order[bounds[shard]:bounds[shard + 1]]
         with tf.io.TFRecordWriter(files.join(output, shard_name)) as writer:
-            for position in range(bounds[shard], bounds[shard + 1]):
-                writer.write(records.serialize(contents[position],
-                                               int(split.labels[order[position]]), position))
+            encoded = sources.in_windows(pool, lambda i: encode(split.paths[i], FLAGS.max_side),
+                                         part)
+            for index, (content, why) in zip(part, encoded):
+                if why:
+                    skipped.append((str(split.paths[index]), why))
+                    continue
+                writer.write(records.serialize(content, int(split.labels[index]), len(kept)))
+                kept.append(index)
+                total += len(content)
+                report.update(len(kept) + len(skipped))
         shards.append(shard_name)
-        print(f"{name}: shard {shard + 1}/{count} written "
-              f"({bounds[shard + 1] - bounds[shard]} images)", flush=True)
+        per_shard.append(len(kept) - sum(per_shard))
+        print(f"{name}: shard {shard + 1}/{count} written ({per_shard[-1]} images)", flush=True)
+    report.done()
     files.write_json(files.join(output, f"{name}-index.json"), {
-        "paths": [str(split.paths[i]) for i in order],
-        "labels": [int(split.labels[i]) for i in order]})
-    return {"count": len(order), "bytes": total, "shards": shards,
-            "records_per_shard": np.diff(bounds).tolist(),
-            "per_class": np.bincount(split.labels[order], minlength=num_classes)}, skipped
+        "paths": [str(split.paths[i]) for i in kept],
+        "labels": [int(split.labels[i]) for i in kept]})
+    return {"count": len(kept), "bytes": total, "shards": shards,
+            "records_per_shard": per_shard,
+            "per_class": np.bincount(split.labels[np.array(kept, dtype=int)],
+                                     minlength=num_classes)}, skipped
 
 
 def _remove_earlier_output(output):
@@ -123,16 +132,22 @@ def main(argv):
         raise UserError(f"{output} already holds a prepared dataset: use another --output, "
                         "or --overwrite to replace it")
     _remove_earlier_output(output)
-    source = sources.scan(config_lib.data_root(FLAGS.images), FLAGS.validation_split, FLAGS.seed,
-                          max_pixels=FLAGS.max_image_pixels)
+    source = sources.scan(config_lib.data_root(FLAGS.images), FLAGS.validation_split, FLAGS.seed)
     print(sources.describe(source), flush=True)
     tf.io.gfile.makedirs(output)
-    splits, skipped = {}, list(source.skip_reasons.items())
+    splits, skipped = {}, []
     with concurrent.futures.ThreadPoolExecutor(FLAGS.workers or os.cpu_count()) as pool:
         for name, split in (("train", source.train), ("validation", source.validation)):
             splits[name], left_out = write_split(name, split, len(source.class_names), output,
                                                  pool)
             skipped += left_out
+            empty = [class_name for class_name, count in zip(source.class_names,
+                                                             splits[name]["per_class"])
+                     if not count]
+            if empty:
+                raise UserError(f"{name} has no readable image of class(es) "
+                                f"{', '.join(empty)}: fix or remove their folders, then run "
+                                "prepare again")
             splits[name]["per_class"] = {class_name: int(count) for class_name, count in
                                          zip(source.class_names, splits[name]["per_class"])}
     files.write_lines(files.join(output, "labels.txt"), source.class_names)

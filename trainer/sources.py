@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import posixpath
 import struct
 
 from absl import logging
@@ -18,7 +19,6 @@ import tensorflow as tf
 
 from trainer import files
 from trainer import records
-from trainer.config import Config
 from trainer.errors import UserError, first_line, op_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -31,12 +31,12 @@ class Split:
     labels: np.ndarray  # int32 class indices
     shards: list = None  # TFRecord files holding the images in this order; None: read paths
     tfds: tuple = None   # (builder, split name) of a TensorFlow Datasets split instead
-    digests: np.ndarray = None  # content hash of each image file, read by the scan
+    stamps: np.ndarray = None  # what the listing says of each image file (files.stamps)
 
     def subset(self, keep):
         """The split of the image files `keep` (a mask or indices) selects."""
         return Split(self.paths[keep], self.labels[keep],
-                     digests=None if self.digests is None else self.digests[keep])
+                     stamps=None if self.stamps is None else self.stamps[keep])
 
     def __len__(self):
         return len(self.paths)
@@ -59,12 +59,14 @@ class Source:
     validation_source: str  # "validation/" or how it was held out of train/
     skipped: list           # paths of the images left out
     skip_reasons: dict = dataclasses.field(default_factory=dict)  # path: why it was left out
+    # Whether the images were checked: an image folder is listed without reading a file, and
+    # the files that cannot be read or decoded are found by the first pass that reads them.
+    checked: bool = True
 
 
-def scan(root, validation_split=0.2, seed=42, tfds_options=None,
-         max_pixels=Config.max_image_pixels, retry_seconds=Config.storage_retry_seconds):
-    """Opens --data: lists and checks an image folder, or opens a prepared or TFDS dataset;
-    errors name the folder at fault."""
+def scan(root, validation_split=0.2, seed=42, tfds_options=None):
+    """Opens --data: lists an image folder (reading no image: see check and drop), or opens a
+    prepared or TFDS dataset; errors name the folder at fault."""
     if not root:
         raise UserError("no --data given: pass --data=ROOT with ROOT/train/<class>/ images")
     if root.startswith("tfds:"):
@@ -79,18 +81,31 @@ def scan(root, validation_split=0.2, seed=42, tfds_options=None,
         if any(records.written_first(name) for name in files.listdir(root)):
             raise UserError(f"--data={root} is an incomplete trainer.prepare output (no "
                             f"{records.DATASET_INFO}): run prepare again")
-        listed = _list_image_folder(root)
+        class_names, train, validation = _list_image_folder(root)
     except tf.errors.OpError as error:
         raise UserError(f"cannot read --data={root}: {first_line(error.message)}; check "
                         "the path and your access to it") from None
-    return _check_image_folder(root, *listed, validation_split, seed, max_pixels, retry_seconds)
+    except Exception as error:  # google-cloud-storage's, listing a gs:// folder
+        if type(error).__module__.startswith("google."):
+            raise UserError(f"cannot list --data={root}: {first_line(error)}; check the path "
+                            "and your access to it") from None
+        raise
+    if validation is not None:
+        held_out = "validation/"
+    else:
+        _need_held_out(validation_split, f"--data={root} has no validation/ folder")
+        train, validation = _stratified_split(train, validation_split, seed)
+        held_out = f"{validation_split:.0%} of train/, stratified, seed {seed}"
+    return Source(root, class_names, train, validation, held_out, [], checked=False)
 
 
 # -- image folders ---------------------------------------------------------------------------
 
 def _list_images(folder):
-    return [files.join(folder, name) for name in files.listdir(folder)
-            if name.lower().endswith(IMAGE_EXTENSIONS)]
+    """(paths, stamps) of the images in a folder, from one listing."""
+    listed = sorted((name, stamp) for name, stamp in files.stamps(folder).items()
+                    if name.lower().endswith(IMAGE_EXTENSIONS))
+    return [files.join(folder, name) for name, _ in listed], [stamp for _, stamp in listed]
 
 
 def _class_folders(split_root):
@@ -102,19 +117,20 @@ def _class_folders(split_root):
 
 
 def _list_split(split_root, class_names):
-    paths, labels = [], []
+    paths, labels, stamps = [], [], []
     for label, name in enumerate(class_names):
-        images = _list_images(files.join(split_root, name))
+        images, image_stamps = _list_images(files.join(split_root, name))
         if not images:
             raise UserError(f"class folder {files.join(split_root, name)} holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         paths += images
+        stamps += image_stamps
         labels += [label] * len(images)
-    return Split(np.array(paths), np.array(labels, dtype=np.int32))
+    return Split(np.array(paths), np.array(labels, dtype=np.int32), stamps=np.array(stamps))
 
 
 def _list_image_folder(root):
-    """(class names, train split, validation split or None) as listed, nothing decoded yet."""
+    """(class names, train split, validation split or None) as listed, nothing read yet."""
     train_root = files.join(root, "train")
     if not files.isdir(train_root):
         raise UserError(f"--data={root} has no train/ folder: expected "
@@ -131,65 +147,90 @@ def _list_image_folder(root):
     return class_names, train, _list_split(validation_root, class_names)
 
 
-def _check_image_folder(root, class_names, train, validation, validation_split, seed,
-                        max_pixels, retry_seconds):
-    """The Source of a listed image folder: files that do not decode or are too large are
-    skipped and counted; without validation/, a stratified part of train/ is held out."""
-    def checked(split, name):
-        return _drop_unreadable(split, files.join(root, name), class_names, max_pixels,
-                                retry_seconds)
-    train, skipped = checked(train, "train")
-    if validation is not None:
-        validation, skipped_validation = checked(validation, "validation")
-        skipped += skipped_validation
-        held_out = "validation/"
-    else:
-        _need_held_out(validation_split, f"--data={root} has no validation/ folder")
-        train, validation = _stratified_split(train, validation_split, seed)
-        held_out = f"{validation_split:.0%} of train/, stratified, seed {seed}"
-    if skipped:
-        logging.warning("skipped %d image(s): %s", len(skipped), "; ".join(
-            f"{count} {why}" for why, count in collections.Counter(
-                why for _, why in skipped).items()))
-    return Source(root, class_names, train, validation, held_out,
-                  [path for path, _ in skipped], dict(skipped))
-
-
 def _need_held_out(validation_split, why):
     if not validation_split:
         raise UserError(f"{why}, and --validation_split=0 holds nothing out to validate on: "
                         "give a fraction such as 0.2, or add the validation data")
 
 
-def find_unreadable(paths, max_pixels, retry_seconds):
-    """({index: why} of the files to skip, the content hash of every file). Skipped: files that
-    cannot be read (a dangling link, a folder named like an image), too many pixels (read from
-    the header, never decoded), or rejected by the decoder training uses. A read that storage
-    fails transiently is retried for up to retry_seconds, never counted as a bad image."""
-    def check(index):
-        try:
-            content = files.retrying(lambda: files.read_bytes(paths[index]), retry_seconds,
-                                     f"reading {paths[index]}")
-        except tf.errors.OpError as error:  # not transient: a dangling link, a folder, ...
-            # TensorFlow's message is "PATH; reason": the reason alone, so that files
-            # skipped for the same one are counted together.
-            return "", f"cannot be read ({op_reason(error).rpartition('; ')[2]})"
-        digest = hashlib.blake2b(content, digest_size=16).hexdigest()
-        try:
-            pixels = header_pixels(content)
-            if pixels is not None and pixels > max_pixels:
-                return digest, f"more than --max_image_pixels={max_pixels} pixels"
-            tf.io.decode_image(content, channels=3, expand_animations=False)
-        except tf.errors.InvalidArgumentError:
-            return digest, "cannot be decoded"
-        return digest, None
+def check(source, max_pixels, retry_seconds):
+    """The source without the images that cannot be read, decoded or are too large, found by
+    reading every image: for the jobs that have no pass over the images to find them in
+    (streaming them every epoch), and for trainer.prepare."""
+    if source.checked:
+        return source
+    return drop(source, {name: find_unreadable(getattr(source, name).paths, max_pixels,
+                                               retry_seconds)
+                         for name in SPLITS})
 
+
+SPLITS = ("train", "validation")
+
+
+def drop(source, bad):
+    """The checked source, without the images `bad` ({split name: {index: why}}) names."""
+    splits, skipped = {}, []
+    for name in SPLITS:
+        split, why = getattr(source, name), bad.get(name, {})
+        drop_ = sorted(why)
+        kept = split.subset(np.setdiff1d(np.arange(len(split)), drop_))
+        for label, count in enumerate(kept.class_counts(len(source.class_names))):
+            if not count:
+                folder = posixpath.dirname(split.paths[split.labels == label][0])
+                raise UserError(f"class folder {folder} holds no readable image for {name}; "
+                                "fix or remove it")
+        splits[name] = kept
+        skipped += [(str(split.paths[index]), why[index]) for index in drop_]
+    if skipped:
+        logging.warning("skipped %d image(s): %s", len(skipped), "; ".join(
+            f"{count} {why}" for why, count in collections.Counter(
+                why for _, why in skipped).items()))
+    return dataclasses.replace(source, train=splits["train"], validation=splits["validation"],
+                               skipped=[path for path, _ in skipped], skip_reasons=dict(skipped),
+                               checked=True)
+
+
+def read_checked(path, max_pixels, retry_seconds):
+    """(the file's bytes, None), or (None, why it is to be skipped): it cannot be read (a
+    dangling link, a folder named like an image), has too many pixels (read from the header,
+    never decoded), or the decoder training uses rejects it. A read that storage fails
+    transiently is retried for up to retry_seconds, never counted as a bad image."""
+    try:
+        content = files.retrying(lambda: files.read_bytes(path), retry_seconds,
+                                 f"reading {path}")
+    except tf.errors.OpError as error:  # not transient: a dangling link, a folder, ...
+        # TensorFlow's message is "PATH; reason": the reason alone, so that files
+        # skipped for the same one are counted together.
+        return None, f"cannot be read ({op_reason(error).rpartition('; ')[2]})"
+    try:
+        pixels = header_pixels(content)
+        if pixels is not None and pixels > max_pixels:
+            return None, f"more than --max_image_pixels={max_pixels} pixels"
+        tf.io.decode_image(content, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+        return None, "cannot be decoded"
+    return content, None
+
+
+def in_windows(pool, function, items, window=None):
+    """pool.map(function, items), a window of items at a time: the work in flight stays
+    bounded, so that a million files do not make a million futures at once."""
+    window = window or CHECK_WINDOW
+    for start in range(0, len(items), window):
+        yield from pool.map(function, items[start:start + window])
+
+
+def find_unreadable(paths, max_pixels, retry_seconds):
+    """{index: why} of the files to skip (see read_checked)."""
     # Threads: remote reads wait on the network, and TensorFlow's decoder releases the GIL. A
     # few, since each may hold a decoded image of up to max_pixels.
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        checked = list(pool.map(check, range(len(paths))))
-    return ({index: why for index, (_, why) in enumerate(checked) if why},
-            np.array([digest for digest, _ in checked]))
+        checked = in_windows(pool, lambda path: read_checked(path, max_pixels,
+                                                             retry_seconds)[1], list(paths))
+        return {index: why for index, why in enumerate(checked) if why}
+
+
+CHECK_WINDOW = 1024
 
 
 def header_pixels(content):
@@ -206,18 +247,6 @@ def header_pixels(content):
     else:
         return None
     return abs(int(width) * int(height))
-
-
-def _drop_unreadable(split, split_root, class_names, max_pixels, retry_seconds):
-    bad, digests = find_unreadable(split.paths, max_pixels, retry_seconds)
-    drop = sorted(bad)
-    kept = dataclasses.replace(split, digests=digests).subset(
-        np.setdiff1d(np.arange(len(split)), drop))
-    for label, count in enumerate(kept.class_counts(len(class_names))):
-        if not count:
-            raise UserError(f"class folder {files.join(split_root, class_names[label])} holds "
-                            "no readable image; fix or remove it")
-    return kept, [(str(split.paths[index]), bad[index]) for index in drop]
 
 
 def _stratified_split(split, fraction, seed):
@@ -313,7 +342,7 @@ def _open_tfds(name, options, validation_split):
 
 def fingerprint(split):
     """A digest of what a split's examples are, in order: for image files their paths,
-    labels and content hashes; for TFRecord shards, the records' paths and labels and the
+    labels and stamps (what the listing says of the content: files.stamps); for TFRecord shards, the records' paths and labels and the
     shards' names and sizes; for TFDS, the split and the prepared dataset's info."""
     digest = hashlib.sha256()
     digest.update(json.dumps([split.paths.tolist(), split.labels.tolist()]).encode())
@@ -324,7 +353,7 @@ def fingerprint(split):
         digest.update(json.dumps([[shard, tf.io.gfile.stat(shard).length]
                                   for shard in split.shards]).encode())
     else:
-        digest.update(json.dumps(split.digests.tolist()).encode())
+        digest.update(json.dumps(split.stamps.tolist()).encode())
     return digest.hexdigest()
 
 
@@ -352,5 +381,6 @@ def describe(source):
                          zip(source.class_names, split.class_counts(len(source.class_names))))
     return (f"data {source.root}: {len(source.class_names)} classes; train {len(source.train)} "
             f"({counts(source.train)}); validation {len(source.validation)} "
-            f"({counts(source.validation)}) from {source.validation_source}; "
-            f"{len(source.skipped)} skipped (unreadable or too large)")
+            f"({counts(source.validation)}) from {source.validation_source}; " + (
+                f"{len(source.skipped)} skipped (unreadable or too large)" if source.checked
+                else "as listed: images that cannot be read are left out when first read"))

@@ -39,7 +39,7 @@ def main(argv):
     # that --help and a wrong flag answer at once.
     with quiet_tensorflow_load():
         import tensorflow as tf
-    from trainer import files, model, outputs
+    from trainer import files, model, outputs, train
     tf.get_logger().setLevel("ERROR")
     model.check(config.backbone, config.image_size, config.base_weights)
     if config.feature_cache:
@@ -62,29 +62,47 @@ def main(argv):
             classifier = model.build(config.backbone, config.base_weights, config.image_size,
                                      len(run.source.class_names), config.dropout,
                                      config.augmentations())
+        fine_tune_at = model.fine_tune_layer(config.backbone, config.fine_tune_at)
         if config.fine_tune_epochs:
-            model.check_fine_tune_at(classifier.backbone, model.fine_tune_layer(
-                config.backbone, config.fine_tune_at))
+            model.check_fine_tune_at(classifier.backbone, fine_tune_at)
         outputs.ensure_writable(layout)
         with lease.held(config.model_dir, run.chief):
             if state == "overwrite" and run.chief:
                 outputs.wipe(layout)
-            _train(config, run, classifier, layout, began)
+            _record_start(config, run, layout, state)
+            stop = train.StopSignals()
+            with _exit_when_stopped():
+                data = _read_images_once(config, run, classifier, fine_tune_at, layout, stop)
+            run = _with_source(config, run, data.source)
+            _train(config, run, classifier, data, stop, layout, began)
 
 
-def _train(config, run, classifier, layout, began):
+def _read_images_once(config, run, classifier, fine_tune_at, layout, stop):
+    """The pass before training (caching.py), stoppable by a signal: a phase_data.PhaseData."""
+    from trainer import phase_data
+    multiworker = run.kind == "multiworker"
+    with stop.caught():
+        return phase_data.read_images_once(
+            config, run.strategy, run.execution.policy, run.source, classifier, fine_tune_at,
+            layout.cache_dir, run.chief, lambda: stop.between_batches(multiworker))
+
+
+def _train(config, run, classifier, data, stop, layout, began):
     """Both phases, then the evaluation, the export and the report."""
-    from trainer import train
-    with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier,
-                       run.source, layout.checkpoint_dir, layout.log_dir, run.chief) as trainer:
-        _announce_inputs(trainer)
-        resumed_step = _restore(trainer, layout, config, run.chief)
+    from trainer import files, train
+    with train.Trainer(config, run.strategy, run.schedule, run.execution, classifier, data,
+                       stop, layout.checkpoint_dir, layout.log_dir, run.chief) as trainer:
+        resumed_step = trainer.restore()
+        if resumed_step is not None:
+            print(resume_line(resumed_step, trainer.schedule), flush=True)
         with _exit_when_stopped():
             trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
             trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
         evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
         if run.chief:
             _write_report(trainer, evaluation, config, layout, resumed_step, began)
+            # What the pass kept in --model_dir served resuming only; the run is complete.
+            files.remove_tree(layout.cache_dir)
 
 
 def check_no_arguments(argv):
@@ -104,28 +122,39 @@ class _Run:
     source: object      # sources.Source
     schedule: object    # train.Schedule
     execution: object   # strategy.Execution
-    strategy_line: str
+    reason: str         # why this strategy
+    strategy_line: str = ""
 
 
 def _set_up(config):
     """The strategy first, before other TensorFlow work (multi-worker collectives and TPU
     initialisation must come first in the process), then the data, then what follows."""
     import keras
-    from trainer import plan, sources, strategy as strategy_lib, train
+    from trainer import sources, strategy as strategy_lib
     kind, reason = strategy_lib.pick(config.strategy, config.tpu)
     strategy_lib.check_paths_reachable(kind, config.tpu, {"data": config.data,
                                                           "model_dir": config.model_dir})
     strategy, _, _ = strategy_lib.create(kind, config.tpu)
     source = sources.scan(config_lib.data_root(config.data), config.validation_split,
-                          config.seed, config.tfds_options(), config.max_image_pixels,
-                          config.storage_retry_seconds)
-    schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
-    execution = strategy_lib.execution(kind, config.mixed_precision, config.steps_per_execution,
-                                       config.jit_compile, schedule.steps_per_epoch)
-    keras.mixed_precision.set_global_policy(execution.policy)
+                          config.seed, config.tfds_options())
+    run = _with_source(config, _Run(strategy, kind, strategy_lib.is_chief(strategy), None,
+                                    None, None, reason), source)
+    keras.mixed_precision.set_global_policy(run.execution.policy)
     keras.utils.set_random_seed(config.seed)
-    return _Run(strategy, kind, strategy_lib.is_chief(strategy), source, schedule, execution,
-                plan.strategy_line(kind, reason, schedule, execution))
+    return run
+
+
+def _with_source(config, run, source):
+    """The run on `source`: as listed, then as checked by the pass over the images, which may
+    leave out images and so change the steps of an epoch."""
+    from trainer import plan, strategy as strategy_lib, train
+    schedule = train.Schedule.of(config, len(source.train), run.strategy.num_replicas_in_sync)
+    execution = strategy_lib.execution(run.kind, config.mixed_precision,
+                                       config.steps_per_execution, config.jit_compile,
+                                       schedule.steps_per_epoch)
+    return dataclasses.replace(run, source=source, schedule=schedule, execution=execution,
+                               strategy_line=plan.strategy_line(run.kind, run.reason, schedule,
+                                                                execution))
 
 
 def _announce(config, run):
@@ -147,16 +176,6 @@ def _announce(config, run):
         logging.warning(random_backbone)
 
 
-def _announce_inputs(trainer):
-    for phase in trainer.schedule.phases:
-        print(f"phase {phase.name} trains on {trainer.data.inputs[phase.name].description}",
-              flush=True)
-    if trainer.data.shared and not any(trainer.data.inputs[phase.name].cached
-                                       for phase in trainer.schedule.phases):
-        print(f"--feature_cache={trainer.config.feature_cache} is not used: no phase trains "
-              "on what the backbone computes once", flush=True)
-
-
 @contextlib.contextmanager
 def _exit_when_stopped():
     """SIGTERM or Ctrl-C during training: the checkpoint is saved; say so and exit."""
@@ -164,8 +183,12 @@ def _exit_when_stopped():
     try:
         yield
     except train.Preempted as stopped:
-        print(f"stopped by {stopped.signal} at step {stopped.step}: checkpoint saved; run the "
-              "same command to resume", flush=True)
+        if stopped.step is None:
+            print(f"stopped by {stopped.signal} in the pass over the images: the chunks it "
+                  "finished are kept; run the same command to go on from there", flush=True)
+        else:
+            print(f"stopped by {stopped.signal} at step {stopped.step}: checkpoint saved; run "
+                  "the same command to resume", flush=True)
         sys.exit(STOPPED_EXIT_CODES[stopped.signal])
 
 
@@ -182,18 +205,15 @@ def _dry_run_plan(config, run, layout, state):
                          counts, inputs)
 
 
-def _restore(trainer, layout, config, chief):
-    """Resumes from the latest checkpoint, if any, and records the run's config; returns the
-    step resumed from, or None."""
+def _record_start(config, run, layout, state):
+    """A run resumes only on the data it started with (outputs.check_same_data); a new one
+    records its config and data. Before the pass over the images, which may be long."""
     from trainer import outputs
-    record = outputs.data_record(trainer.source)
-    resumed_step = trainer.restore()
-    if resumed_step is not None:
+    record = outputs.data_record(run.source)
+    if state == "resume":
         outputs.check_same_data(layout, record, config.data)
-        print(resume_line(resumed_step, trainer.schedule), flush=True)
-    if chief:
-        outputs.write_start(layout, config, trainer.source.class_names, record)
-    return resumed_step
+    if run.chief:
+        outputs.write_start(layout, config, run.source.class_names, record)
 
 
 def resume_line(step, schedule):

@@ -30,7 +30,6 @@ from trainer import checkpoints
 from trainer import errors
 from trainer import files
 from trainer import model as model_lib
-from trainer import phase_data
 from trainer import pipelines
 from trainer import run_record
 from trainer import sources
@@ -42,12 +41,43 @@ from trainer.run_record import itstime
 
 class Preempted(Exception):
     """SIGTERM (a preemption or a stopped job) or SIGINT (Ctrl-C) arrived; a checkpoint was
-    saved at this step."""
+    saved at this step (None: during the pass before training, whose chunks are kept)."""
 
     def __init__(self, step, signum):
         super().__init__(step)
         self.step = step
         self.signal = signal.Signals(signum).name
+
+
+class StopSignals:
+    """SIGTERM and a first Ctrl-C ask the job to stop at its next step or batch, where it can
+    keep its work; a second Ctrl-C stops at once (KeyboardInterrupt). Another worker's signal
+    (stop > 0 from the all-reduce of a training step) reads as SIGTERM."""
+
+    def __init__(self):
+        self.requested = None  # the signal that asked this process to stop
+
+    @contextlib.contextmanager
+    def caught(self):
+        previous = {signum: signal.signal(signum, self._request)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _request(self, signum, frame):
+        del frame
+        self.requested = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def between_batches(self, multiworker):
+        """Stops a pass before training as soon as a signal asks (what it finished is kept);
+        on one worker only, since the others would wait for it in the pass's gathers."""
+        if self.requested and not multiworker:
+            raise Preempted(None, self.requested)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,21 +137,19 @@ class Trainer:
     """Trains the classifier phase by phase. A context manager: leaving it, however, removes
     the scratch folder a worker other than the chief saves to."""
 
-    def __init__(self, config, strategy, schedule, execution, classifier, source,
+    def __init__(self, config, strategy, schedule, execution, classifier, data, stop,
                  checkpoint_dir, log_dir, chief):
         self.config = config
         self.strategy = strategy
         self.schedule = schedule
         self.execution = execution
         self.classifier = classifier
-        self.source = source
+        self.data = data  # phase_data.PhaseData
+        self.source = source = data.source
         self.chief = chief
         self.fine_tune_at = model_lib.fine_tune_layer(config.backbone, config.fine_tune_at)
-        self.data = phase_data.PhaseData(config, strategy, schedule, execution, source,
-                                         classifier, self.fine_tune_at, chief,
-                                         self._stop_between_batches)
-        self.phase_seconds = {}  # wall time of each phase in this process, caching included
-        self._stop_requested = None  # the signal that asked this process to stop
+        self.phase_seconds = {}  # wall time of each phase in this process
+        self.stop = stop  # StopSignals
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.class_weights = tf.constant(
             sources.class_weights(source.train, len(source.class_names)) if
@@ -209,7 +237,7 @@ class Trainer:
             return self.history
         began = time.time()
         backoff = files.Backoff(self.config.storage_retry_seconds)
-        with errors.from_tensorflow(self.config.data, self._multiworker), self._stop_on_signals():
+        with errors.from_tensorflow(self.config.data, self._multiworker), self.stop.caught():
             failed = False
             while True:
                 try:
@@ -240,7 +268,8 @@ class Trainer:
     def _fit_from_current_step(self, phase):
         steps_per_epoch = self.schedule.steps_per_epoch
         first_step = max(int(self.step.numpy()), phase.first_epoch * steps_per_epoch)
-        inputs, (validation, validation_steps) = self.data.for_phase(phase, first_step)
+        inputs, (validation, validation_steps) = self.data.for_phase(
+            phase, first_step, self.schedule.end_step(phase))
         learners = self._learners(phase)
         evaluate = steps.evaluation(self.strategy, [learner.model for learner in learners],
                                     validation, validation_steps)
@@ -273,7 +302,7 @@ class Trainer:
         while step < epoch_end:
             chunk = self._chunk(step, epoch_end)
             sums, stops = train_steps(iterator, tf.constant(chunk),
-                                      tf.constant(float(bool(self._stop_requested))))
+                                      tf.constant(float(bool(self.stop.requested))))
             sums = sums.numpy().astype(np.float64)
             step += chunk
             if not np.isfinite(sums[:, 0]).any():
@@ -290,11 +319,11 @@ class Trainer:
             if step < epoch_end and (stop or itstime(step, self.config.checkpoint_every_steps)):
                 self._save()
             if stop and step < epoch_end:
-                raise Preempted(step, self._stop_requested or signal.SIGTERM)
+                raise Preempted(step, self.stop.requested or signal.SIGTERM)
         self._end_epoch(phase, epoch, evaluate, time.time() - began,
                         self.record.sums[0, 2] - count_before)
         if stop:
-            raise Preempted(step, self._stop_requested or signal.SIGTERM)
+            raise Preempted(step, self.stop.requested or signal.SIGTERM)
 
     def _chunk(self, step, epoch_end):
         """Steps to run in the next call: up to steps_per_execution, never past the end of the
@@ -316,34 +345,6 @@ class Trainer:
                                         round(time.time() - began, 3), trained, sweeping)
         self._save()
         self.record.log_epoch(records, sweeping, self.heads.settings)
-
-    # -- signals -----------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGTERM and a first Ctrl-C stop training at the next step, checkpointed; a second
-        Ctrl-C stops at once (KeyboardInterrupt). Another worker's signal (stop > 0 from the
-        all-reduce) reads as SIGTERM here."""
-        previous = {signum: signal.signal(signum, self._request_stop)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _request_stop(self, signum, frame):
-        del frame
-        self._stop_requested = signum
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _stop_between_batches(self):
-        """Stops a long pass before training (caching features, decoding once) as soon as a
-        signal asks; on one worker only, since the others would wait for it."""
-        if self._stop_requested and not self._multiworker:
-            self._save()
-            raise Preempted(int(self.step.numpy()), self._stop_requested)
 
     # -- after training ----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tests import images
 from trainer import config as config_lib
 from trainer import model
+from trainer import phase_data
 from trainer import sources
 from trainer import strategy as strategy_lib
 from trainer import train
@@ -21,9 +22,14 @@ def train_weights(strategy, source, config, workdir, index):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         classifier = model.build("small_cnn", "none", 32, 2, 0.0)
-    schedule = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
+    stop = train.StopSignals()
+    data = phase_data.read_images_once(
+        config, strategy, "float32", source, classifier,
+        model.fine_tune_layer(config.backbone, config.fine_tune_at),
+        f"{workdir}/cache{index}", True, lambda: stop.between_batches(False))
+    schedule = train.Schedule.of(config, len(data.source.train), strategy.num_replicas_in_sync)
     execution = strategy_lib.execution("cpu", "off", 1, "off", schedule.steps_per_epoch)
-    with train.Trainer(config, strategy, schedule, execution, classifier, source,
+    with train.Trainer(config, strategy, schedule, execution, classifier, data, stop,
                        f"{workdir}/ckpt{index}", f"{workdir}/logs{index}", True) as trainer:
         trainer.fit(schedule.head)
         history = trainer.fit(schedule.fine_tune)
