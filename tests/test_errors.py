@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import tensorflow as tf
 
@@ -49,8 +51,29 @@ def test_a_full_disk_is_a_user_error_and_other_exhaustion_is_not(node):
 
 
 def test_reported_user_error_is_one_line_and_exit_2(capsys):
+    def job():
+        raise UserError("what is wrong: what to do")
     with pytest.raises(SystemExit) as exited:
-        with errors.reported():
-            raise UserError("what is wrong: what to do")
+        errors.reported(job)
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: what is wrong: what to do\n"
+
+
+def test_reported_error_frees_what_its_frames_held(capsys):
+    """An input pipeline left in the frames of an error must be freed before Python shuts
+    down (see errors.reported): a job whose damaged shard was reported hung at exit."""
+    class Pipeline:
+        pass
+
+    def job():
+        pipeline = Pipeline()
+        held.append(weakref.ref(pipeline))
+        try:
+            raise tf.errors.DataLossError(None, None, "corrupted record at 12")
+        except tf.errors.DataLossError:
+            raise UserError("cannot read the data") from None
+
+    held = []
+    with pytest.raises(SystemExit) as exited:
+        errors.reported(job)
+    assert exited.value.code == 2 and held[0]() is None

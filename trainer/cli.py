@@ -39,8 +39,7 @@ def run_main(main):
         # saved, per exported signature); --verbosity=0 brings them back.
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
-        with errors.reported():
-            main(argv)
+        errors.reported(main, argv)
     app.run(guarded, flags_parser=_parse)
 
 

@@ -2,12 +2,34 @@
 the one place where errors from TensorFlow become it."""
 
 import contextlib
+import gc
+import os
 import re
+import signal
 import sys
 
 
 class UserError(Exception):
     """A problem the user can fix: the message says what is wrong and what to do."""
+
+
+class Stopped(Exception):
+    """SIGTERM (a preemption or a stopped job) or SIGINT (Ctrl-C, a notebook's stop button)
+    stopped the job after it saved its work: a checkpoint at `step`, or (step None, during the
+    pass before training) the chunks of the pass. Running it again resumes."""
+
+    def __init__(self, step, signum):
+        self.step = step
+        self.signal = signal.Signals(signum).name
+        super().__init__(self.line("call trainer.fit again with the same settings"))
+
+    def line(self, again):
+        """What happened, and that `again` resumes."""
+        if self.step is None:
+            return (f"stopped by {self.signal} in the pass over the images: the chunks it "
+                    f"finished are kept; {again} to go on from there")
+        return (f"stopped by {self.signal} at step {self.step}: checkpoint saved; {again} to "
+                "resume")
 
 
 def first_line(error, limit=200):
@@ -61,16 +83,28 @@ def from_tensorflow(data, multiworker):
                         f"{RESUME}") from None
 
 
-@contextlib.contextmanager
-def reported():
-    """A UserError ends the program as one line on stderr and exit status 2; Ctrl-C as one line
-    and the shell's 130."""
+def reported(function, *args):
+    """Calls function(*args). A UserError ends the program as one line on stderr and exit status
+    2; Ctrl-C as one line and the shell's 130."""
     try:
-        yield
+        return function(*args)
     except UserError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+        line, code = f"error: {error}", 2
     except KeyboardInterrupt:
-        sys.stderr.write("stopped by Ctrl-C; what was written is kept: run the same command to "
-                         "resume\n")
-        sys.exit(130)
+        line, code = ("stopped by Ctrl-C; what was written is kept: run the same command to "
+                      "resume"), 130
+    exit_with(sys.stderr, line, code)
+
+
+def exit_with(stream, line, code):
+    """Writes the line and exits. Called outside the except clause that caught the error, so
+    that the SystemExit does not keep the error alive: its traceback holds the input pipelines
+    of the frames it went through. Python would free them only while shutting down, when
+    tf.data threads that call Python (a numpy_function) die, and destroying the pipeline would
+    wait for those threads forever. A Ctrl-C while they are freed ends the process at once:
+    all there was to keep is kept."""
+    stream.write(line + "\n")
+    stream.flush()
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signal.SIGINT))
+    gc.collect()
+    sys.exit(code)
