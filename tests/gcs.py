@@ -110,7 +110,8 @@ class Emulator:
 
     def fail_each(self, pattern, times):
         """From now on each of TensorFlow's requests matching pattern fails its first `times`
-        tries, then goes through: an outage the job's reads start and end themselves."""
+        tries, then goes through: an outage the job's reads start and end themselves. With a
+        group in pattern, the requests where it matches the same text count as one."""
         with open(self.outage_file, "w") as handle:
             handle.write(f"{times} {pattern}")
 

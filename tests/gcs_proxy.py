@@ -13,7 +13,8 @@ For outage tests, while the file OUTAGE exists, every request whose "METHOD PATH
 the regular expression it holds (an empty file: every request) is answered 503, as a storage
 service that is down answers. A file of "N PATTERN" fails each matching request the first N
 times it is made, then lets it through: an outage that the job's own reads start and end,
-however fast or slow the machine is.
+however fast or slow the machine is. When PATTERN has a group, requests count together by
+what the group matched: TensorFlow names each try's temporary upload anew.
 
 Run as its own process (TF blocks in C++ holding the GIL, which would deadlock a thread):
     python gcs_proxy.py PORT EMULATOR_PORT CERT_PEM KEY_PEM OUTAGE
@@ -163,13 +164,15 @@ class Proxy(Server):
         except OSError:
             return False
         times, _, pattern = outage.partition(" ") if outage[:1].isdigit() else ("", "", outage)
-        if not re.search(pattern, request):
+        match = re.search(pattern, request)
+        if not match:
             return False
         if not times:
             return True
+        key = match.group(1) if match.re.groups else request
         with self.lock:
-            self.failures[request] = self.failures.get(request, 0) + 1
-            return self.failures[request] <= int(times)
+            self.failures[key] = self.failures.get(key, 0) + 1
+            return self.failures[key] <= int(times)
 
 
 def main(port, emulator_port, cert, key, outage_file):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,7 +109,11 @@ def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
     metrics = _metrics(model_dir)
     assert metrics["global_steps"] == single_process["global_steps"] == 3 * 12
     assert metrics["replicas"] == 2 and metrics["epochs_completed"] == 3
-    assert abs(metrics["val_accuracy"] - single_process["val_accuracy"]) <= 0.15
+    # The same steps on the same global batches: only the order of float sums differs (seen:
+    # validation losses 1e-4 apart), so at most a borderline image or two may flip.
+    for two, one in zip(metrics["history"], single_process["history"], strict=True):
+        assert abs(two["val_loss"] - one["val_loss"]) <= 1e-3, (two, one)
+        assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 2 / 90 + 1e-9, (two, one)
     assert "validation accuracy" in results[0][1] and "validation accuracy" not in results[1][1]
     # Only the chief wrote: the worker's scratch checkpoints and export are gone.
     assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.yaml", "data.json", "export",
@@ -116,18 +121,24 @@ def test_two_workers_train_end_to_end(tmp_path, single_process, variable):
     assert not os.listdir(tmp_path / "tmp1")
 
 
-def test_killed_worker_then_restart_of_all_completes(tmp_path):
-    model_dir = str(tmp_path / "run")
-    args = [f"--model_dir={model_dir}", *JOB, "--epochs=4"]  # the last --epochs wins
+def _launch_until_a_checkpoint(args, model_dir, tmp_path):
+    """Two workers from TF_CONFIG, once the first checkpoint is written."""
     ports = _free_ports(2)
-    variables = [{"TF_CONFIG": _tf_config(ports, index)} for index in range(2)]
-    workers = _launch(args, variables, tmp_path)
+    workers = _launch(args, [{"TF_CONFIG": _tf_config(ports, index)} for index in range(2)],
+                      tmp_path)
     checkpoints = os.path.join(model_dir, "checkpoints")
     deadline = time.time() + WORKER_TIMEOUT
     while not (os.path.isdir(checkpoints) and any(name.endswith(".index")
                                                    for name in os.listdir(checkpoints))):
         assert all(w.poll() is None for w in workers) and time.time() < deadline
         time.sleep(0.05)
+    return workers
+
+
+def test_killed_worker_then_restart_of_all_completes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = [f"--model_dir={model_dir}", *JOB, "--epochs=4"]  # the last --epochs wins
+    workers = _launch_until_a_checkpoint(args, model_dir, tmp_path)
     workers[1].send_signal(signal.SIGKILL)
     survivor_code, _, survivor_err = _finish(workers[:1])[0]
     workers[1].wait()
@@ -144,6 +155,36 @@ def test_killed_worker_then_restart_of_all_completes(tmp_path):
     metrics = _metrics(model_dir)
     assert metrics["resumed_from_epoch"] >= 1
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, 6))
+
+
+def test_sigterm_to_one_worker_stops_every_worker_at_one_step_and_all_resume(tmp_path):
+    """A preemption notice reaches one VM: every worker agrees on the step, the checkpoint
+    is saved, and all exit 42; the same command on all resumes there."""
+    model_dir = str(tmp_path / "run")
+    args = [f"--model_dir={model_dir}", *JOB, "--epochs=6"]  # the last --epochs wins
+    workers = _launch_until_a_checkpoint(args, model_dir, tmp_path)
+    workers[1].send_signal(signal.SIGTERM)  # the worker, not the chief
+    results = _finish(workers)
+    stopped = [re.findall(r"^stopped by SIGTERM at step (\d+): checkpoint saved", out, re.M)
+               for _, out, _ in results]
+    assert [code for code, _, _ in results] == [42, 42], [err[-2000:] for _, _, err in results]
+    assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped
+    step = int(stopped[0][0])
+    assert tf_latest_step(os.path.join(model_dir, "checkpoints")) == step and step < 7 * 12
+
+    ports = _free_ports(2)
+    variables = [{"TF_CONFIG": _tf_config(ports, index)} for index in range(2)]
+    results = _finish(_launch(args, variables, tmp_path))
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert all(f"resuming at step {step} of {7 * 12}" in out for _, out, _ in results)
+    assert [row["epoch"] for row in _metrics(model_dir)["history"]] == list(range(1, 8))
+
+
+def tf_latest_step(checkpoints):
+    with open(os.path.join(checkpoints, "checkpoint")) as handle:
+        first = handle.readline()  # model_checkpoint_path: "ckpt-N"
+    return int(re.search(r"ckpt-(\d+)", first).group(1))
 
 
 def test_mirrored_over_two_cpus_matches_one_device(tmp_path):

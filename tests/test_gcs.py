@@ -233,6 +233,51 @@ def test_storage_lost_mid_training_stops_with_one_line_and_a_rerun_resumes(gcs, 
         list(range(1, 10)))
 
 
+def test_training_outlasts_a_storage_failure_and_restores_past_a_half_written_checkpoint(
+        gcs, tmp_path):
+    """A real outage on the emulator, started and ended by the job's own writes: the writes of
+    the epoch-2 checkpoint fail more often than TensorFlow retries (the job goes back to
+    the epoch-1 checkpoint and trains on); the index of the epoch-3 one never arrives (the
+    job stops with one line, its data file written), and the rerun restores the newest
+    checkpoint that is whole."""
+    bucket = gcs.bucket("outage-recover")
+    model_dir = f"{bucket}/run"
+    checkpoints = f"{model_dir}/checkpoints"
+    args = ["--data=demo", f"--model_dir={model_dir}", *JOB, "--storage_retry_seconds=20"]
+    steps = 45  # 360 demo images, batch 8
+    # More failures than TensorFlow's tries (1 + 2 retries in tests), counted over all the
+    # checkpoint's uploads, whose temporary names differ at each try.
+    gcs.fail_each(rf"^POST /upload/.*(ckpt-{2 * steps})[._]", times=3)
+    job = subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
+                           env=cli_env(**gcs.env), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while f"run/checkpoints/ckpt-{2 * steps}.index" not in gcs.list(checkpoints):
+            assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        gcs.start_outage(rf"^POST /upload/.*ckpt-{3 * steps}\.index")
+        output, errors = job.communicate(timeout=300)
+    finally:
+        gcs.end_outage()
+    assert re.search(r"storage failed while training \(phase head\) \(.*\); trying again in "
+                     r"1s", errors), errors[-3000:]
+    # Epoch 2's line once, after its checkpoint was saved; epoch 3's never (its save failed).
+    assert re.findall(r"^epoch (\d+)/4", output, re.M) == ["1", "2"], output
+    assert job.returncode == 2, errors[-3000:]
+    assert "storage failed for" in error_line(subprocess.CompletedProcess([], 2, output, errors))
+    listed = gcs.list(checkpoints)
+    assert (f"run/checkpoints/ckpt-{3 * steps}.data-00000-of-00001" in listed
+            and f"run/checkpoints/ckpt-{3 * steps}.index" not in listed)  # half-written
+
+    process = run(gcs, "trainer.task", *args)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert f"checkpoint {checkpoints}/ckpt-{3 * steps} cannot be read" in process.stderr
+    assert f"resuming at step {2 * steps} of {4 * steps}" in process.stdout
+    assert [row["epoch"] for row in read_json(gcs, f"{model_dir}/metrics.json")["history"]] == (
+        [1, 2, 3, 4])
+
+
 def test_a_second_job_on_a_model_dir_is_refused_and_a_killed_jobs_rerun_takes_over(gcs):
     bucket = gcs.bucket("two-jobs")
     model_dir = f"{bucket}/run"

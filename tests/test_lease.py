@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -117,3 +118,26 @@ def test_a_job_whose_lease_is_taken_over_stops(tmp_path):
     finally:
         holder.kill()
     assert "another job took over the lease" in holder.stderr.read()
+
+
+def test_a_renewal_that_fails_is_tried_again_at_the_next_heartbeat(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Storage failing for a heartbeat (OSError locally; any GoogleAPIError on gs://) costs a
+    warning, not the lease: the next heartbeat renews it."""
+    renew = lease._LocalStore.renew
+    calls = []
+    renewed = threading.Event()
+
+    def flaky(store, content):
+        calls.append(content["heartbeat"])
+        if len(calls) == 1:
+            raise OSError("storage is down")
+        result = renew(store, content)
+        renewed.set()
+        return result
+    monkeypatch.setattr(lease._LocalStore, "renew", flaky)
+    with lease.held(str(tmp_path)):
+        assert renewed.wait(60), "the lease was not renewed after the failure"
+        holder = json.loads((tmp_path / ".lease").read_text())
+        assert holder["pid"] == os.getpid() and holder["heartbeat"] in calls[1:]
+    assert "could not renew the lease" in caplog.text and "storage is down" in caplog.text

@@ -137,6 +137,33 @@ def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, capl
     assert "read backbone features and activations" in out
 
 
+def test_storage_failing_under_the_cache_costs_the_chunk_not_the_job(tmp_path, capsys, caplog,
+                                                                    monkeypatch):
+    """A write that fails (OSError; on gs://, any GoogleAPIError too) leaves the entry
+    unpublished; a read that fails means computing the chunk. Either way a warning, and the
+    job trains as it would have."""
+    data = tiny_data(tmp_path / "data")
+    _, history, _ = _run(tmp_path, "plain", data, capsys)
+
+    def failing(shared, name, *args):
+        raise OSError(f"storage is down under {name}")
+    monkeypatch.setattr(cache.SharedCache, "publish", failing)
+    (tmp_path / "write" / "shared").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        _, unpublished, entries = _run(tmp_path / "write", "run", data, capsys)
+    assert "could not write the feature cache entry" in caplog.text and entries == []
+    assert _losses(unpublished) == _losses(history)
+    monkeypatch.undo()
+    _run(tmp_path / "read", "first", data, capsys)  # publishes
+    caplog.clear()
+    monkeypatch.setattr(cache.SharedCache, "read", failing)
+    with caplog.at_level(logging.WARNING):
+        out, unread, _ = _run(tmp_path / "read", "second", data, capsys)
+    assert "could not read the feature cache entry" in caplog.text
+    assert "cached backbone features and activations" in out
+    assert _losses(unread) == _losses(history)
+
+
 def test_concurrent_publishers_never_show_a_reader_half_an_entry(tmp_path):
     shared = cache.SharedCache(str(tmp_path / "shared"))
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ from tests.test_train import tiny_trainer
 from trainer import config as config_lib
 from trainer import sweep
 from trainer import train
+from trainer.errors import Stopped
 
 # Every setting varied, dropout at 0 too (Keras draws a Dropout layer's random state only
 # at a rate above 0): 8 heads, none at the rate the classifier is built with.
@@ -77,7 +78,7 @@ def test_a_sweep_stopped_mid_epoch_resumes_bit_for_bit(tmp_path):
         chunk = first._chunk
         first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
-        with pytest.raises(train.Preempted):
+        with pytest.raises(Stopped):
             first.fit(first.schedule.head)
     resumed = _run(tmp_path / "stopped", **settings)
     assert [_curves(head) for head in resumed[2]] == [_curves(head) for head in whole[2]]

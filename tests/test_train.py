@@ -21,7 +21,7 @@ from trainer import phase_data
 from trainer import sources
 from trainer import strategy as strategy_lib
 from trainer import train
-from trainer.errors import UserError
+from trainer.errors import Stopped, UserError
 
 
 def tiny_trainer(tmp_path, data=None, adjust=None, stop=None, **overrides):
@@ -102,7 +102,7 @@ def test_a_resumed_run_trains_bit_for_bit_like_an_uninterrupted_one(tmp_path, ra
         chunk = first._chunk
         first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
-        with pytest.raises(train.Preempted):
+        with pytest.raises(Stopped):
             first.fit(first.schedule.head)
     with tiny_trainer(tmp_path / "stopped", **settings) as resumed:
         assert resumed.restore() == 3
@@ -183,7 +183,7 @@ def test_a_stop_in_the_pass_keeps_its_chunks_and_a_rerun_reads_only_the_rest(tmp
         stop._request(signal.SIGTERM, None)
 
     monkeypatch.setattr(cache.SharedCache, "publish", publish_then_stop)
-    with pytest.raises(train.Preempted) as stopped:
+    with pytest.raises(Stopped) as stopped:
         tiny_trainer(tmp_path / "run", stop=stop, batch_size=2)
     assert (stopped.value.signal, stopped.value.step) == ("SIGTERM", None)
     # Both phases' first chunk (rows 0-1 of train) came out of the first batch.
@@ -289,7 +289,7 @@ def test_after_a_damaged_checkpoint_is_set_aside_only_the_newest_two_are_kept(tm
         chunk = first._chunk
         first._chunk = lambda step, end: (step == 2 and first.stop._request(signal.SIGTERM, None)
                                           or chunk(step, end))
-        with pytest.raises(train.Preempted):
+        with pytest.raises(Stopped):
             first.fit(first.schedule.head)
     _damage(str(tmp_path / "checkpoints" / "ckpt-3"), "truncated data")
     with tiny_trainer(tmp_path, **settings) as again:
@@ -415,3 +415,18 @@ def test_a_loss_that_blows_up_before_any_checkpoint_says_none_was_kept(tmp_path)
         with pytest.raises(UserError, match="training loss became .* by step [12] .*; no "
                                             "checkpoint had been written yet: lower"):
             trainer.fit(trainer.schedule.fine_tune)
+
+
+def test_a_second_ctrl_c_raises_at_once(capfd):
+    """The first Ctrl-C asks for a stop at the next step (and says so); the second one raises
+    KeyboardInterrupt where the job is; leaving the with-block restores the handlers."""
+    stop = train.StopSignals()
+    before = signal.getsignal(signal.SIGINT)
+    with stop.caught():
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capfd.readouterr().err == ("SIGINT: stopping at the next step or batch, keeping the "
+                                      "work done; Ctrl-C again to stop at once\n")

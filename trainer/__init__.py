@@ -1,4 +1,7 @@
-"""Transfer learning on images: train a new head on a pretrained backbone, then fine-tune."""
+"""Transfer learning on images: train a new head on a pretrained backbone, then fine-tune.
+
+From Python: trainer.fit(data=..., epochs=...) -> Run; trainer.load(model_dir).predict(...).
+`import trainer` loads no TensorFlow: fit and load do, when they run."""
 
 import os
 
@@ -9,3 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # an unreachable bucket is reported. Five (about 30 s) is enough for a blip; longer outages
 # are retried by the job itself, within --storage_retry_seconds (files.Backoff).
 os.environ.setdefault("GCS_RETRY_CONFIG_MAX_RETRIES", "5")
+
+from trainer.api import Run, fit, load  # noqa: E402  (after the environment above)
+from trainer.config import Config  # noqa: E402
+from trainer.errors import Stopped, UserError  # noqa: E402
+
+__all__ = ["Config", "Run", "Stopped", "UserError", "fit", "load"]

@@ -6,6 +6,7 @@ the command line or in a --flagfile.
 """
 
 import dataclasses
+import difflib
 import itertools
 import math
 import os
@@ -324,7 +325,29 @@ def resolve(flag_values, environ=os.environ, read_text=_read_with_tensorflow):
     """Builds the Config from defaults, the preset (read by read_text, as load_yaml does) and
     the flags actually given."""
     given = {name: flag_values[name].value for name in _FIELDS if flag_values[name].present}
-    config_path = flag_values["config"].value
+    return resolve_given(given, flag_values["config"].value, environ, read_text)
+
+
+def from_settings(settings, base=None, environ=os.environ):
+    """The Config of trainer.fit: `settings` named as the flags are, over `base` (a Config,
+    whose values other than the defaults count as given, or the path of a YAML preset)."""
+    config_path = base if isinstance(base, str) else settings.pop("config", None)
+    given = {} if base is None or isinstance(base, str) else {
+        name: getattr(base, name) for name, field in _FIELDS.items()
+        if getattr(base, name) != field.default}
+    for name, value in settings.items():
+        if name not in _FIELDS:
+            near = difflib.get_close_matches(name, [*_FIELDS, "config"], 1)
+            raise UserError(f"unknown setting {name}={value!r}"
+                            f"{f' (did you mean {near[0]}?)' if near else ''}: the settings "
+                            "are the flags of python -m trainer.task --helpfull")
+        given[name] = _coerce(_FIELDS[name], value, "trainer.fit")
+    return resolve_given(given, config_path, environ)
+
+
+def resolve_given(given, config_path, environ=os.environ, read_text=_read_with_tensorflow):
+    """The Config from defaults, the preset at config_path (or the smoke preset when neither
+    it nor data is given) and the values given, by field name."""
     values = {}
     if config_path:
         values.update(load_yaml(config_path, read_text))

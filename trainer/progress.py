@@ -1,11 +1,16 @@
 """Where long work is: the listing, the pass over the images, prepare. A line about every
 REPORT_SECONDS (count of total, items/s, time left), for logs such as Vertex AI's; a bar
-instead on a terminal."""
+instead on a terminal or in a notebook."""
 
 import sys
 import time
 
 REPORT_SECONDS = 30.0
+
+
+def interactive(stream=None):
+    """Someone watches: a terminal, or a Jupyter cell, where Keras's progress bar renders."""
+    return (stream or sys.stdout).isatty() or "ipykernel" in sys.modules
 
 
 class Report:
@@ -16,7 +21,7 @@ class Report:
         self.began = self.last = time.monotonic()
         self.done_count = 0
         self._bar = None
-        if self.stream.isatty():
+        if interactive(self.stream):
             import keras
             self._bar = keras.utils.Progbar(total, unit_name="image")
 

@@ -3,7 +3,6 @@
 flags -> config -> strategy -> data -> model -> train the head -> fine-tune -> export.
 """
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -17,6 +16,7 @@ from trainer import config as config_lib
 from trainer import errors
 from trainer import lease
 from trainer.cli import quiet_tensorflow_load, run_main
+from trainer.errors import Stopped
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
@@ -26,15 +26,26 @@ flags.adopt_module_key_flags(config_lib)  # so that --help lists them, not only 
 # image, tensorflow-tpu 2.20.
 OLDEST_TESTED_TENSORFLOW = (2, 20)
 
-# Exit status of a job stopped after checkpointing: by SIGTERM (a preemption; run it again),
+# Exit status of a job stopped after saving its work: by SIGTERM (a preemption; run it again),
 # or by Ctrl-C (the shell's 128 + SIGINT).
 STOPPED_EXIT_CODES = {"SIGTERM": 42, "SIGINT": 128 + signal.SIGINT}
 
 
 def main(argv):
     check_no_arguments(argv)
-    began = time.time()
     config = config_lib.resolve(FLAGS)
+    try:
+        run(config, FLAGS.overwrite, FLAGS.dry_run)
+        return
+    except Stopped as stopped:
+        line, code = stopped.line("run the same command"), STOPPED_EXIT_CODES[stopped.signal]
+    errors.exit_with(sys.stdout, line, code)
+
+
+def run(config, overwrite=False, dry_run=False):
+    """The job on a resolved config (what the CLI and trainer.fit run). Returns the plan when
+    dry_run; raises Stopped when a signal stopped it after saving its work."""
+    began = time.time()
     # The stages load TensorFlow (seconds): imported once the flags are known to be good, so
     # that --help and a wrong flag answer at once.
     with quiet_tensorflow_load():
@@ -45,16 +56,17 @@ def main(argv):
     if config.feature_cache:
         files.check_reachable(config.feature_cache)
     layout = outputs.Layout.of(config.model_dir)
-    state = outputs.check(layout, config, FLAGS.overwrite)
-    if state == "complete" and not FLAGS.dry_run:
+    state = outputs.check(layout, config, overwrite)
+    if state == "complete" and not dry_run:
         print(f"run in {config.model_dir} is already complete; nothing to do "
               "(use --overwrite to train again)")
-        return
+        return None
 
     run = _set_up(config)
-    if FLAGS.dry_run:
-        print(_dry_run_plan(config, run, layout, state))
-        return
+    if dry_run:
+        plan = _dry_run_plan(config, run, layout, state)
+        print(plan)
+        return plan
     _announce(config, run)
     with errors.from_tensorflow(config.data, run.kind == "multiworker"):
         # Before anything is written: a model that cannot be built leaves no folder behind.
@@ -71,10 +83,10 @@ def main(argv):
                 outputs.wipe(layout)
             _record_start(config, run, layout, state)
             stop = train.StopSignals()
-            with _exit_when_stopped():
-                data = _read_images_once(config, run, classifier, fine_tune_at, layout, stop)
+            data = _read_images_once(config, run, classifier, fine_tune_at, layout, stop)
             run = _with_source(config, run, data.source)
             _train(config, run, classifier, data, stop, layout, began)
+    return None
 
 
 def _read_images_once(config, run, classifier, fine_tune_at, layout, stop):
@@ -95,9 +107,8 @@ def _train(config, run, classifier, data, stop, layout, began):
         resumed_step = trainer.restore()
         if resumed_step is not None:
             print(resume_line(resumed_step, trainer.schedule), flush=True)
-        with _exit_when_stopped():
-            trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
-            trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
+        trainer.fit(run.schedule.head)       # phase 1: a new head, backbone frozen
+        trainer.fit(run.schedule.fine_tune)  # phase 2: the top of the backbone too
         evaluation = _evaluate_and_export(trainer, config, layout, run.chief)
         if run.chief:
             _write_report(trainer, evaluation, config, layout, resumed_step, began)
@@ -174,22 +185,6 @@ def _announce(config, run):
     random_backbone = model.random_frozen_backbone(config)
     if random_backbone:
         logging.warning(random_backbone)
-
-
-@contextlib.contextmanager
-def _exit_when_stopped():
-    """SIGTERM or Ctrl-C during training: the checkpoint is saved; say so and exit."""
-    from trainer import train
-    try:
-        yield
-    except train.Preempted as stopped:
-        if stopped.step is None:
-            print(f"stopped by {stopped.signal} in the pass over the images: the chunks it "
-                  "finished are kept; run the same command to go on from there", flush=True)
-        else:
-            print(f"stopped by {stopped.signal} at step {stopped.step}: checkpoint saved; run "
-                  "the same command to resume", flush=True)
-        sys.exit(STOPPED_EXIT_CODES[stopped.signal])
 
 
 def _dry_run_plan(config, run, layout, state):

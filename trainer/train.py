@@ -16,9 +16,9 @@ and holds none of their state.
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 
@@ -31,22 +31,13 @@ from trainer import errors
 from trainer import files
 from trainer import model as model_lib
 from trainer import pipelines
+from trainer import progress
 from trainer import run_record
 from trainer import sources
 from trainer import steps
 from trainer import sweep
-from trainer.errors import UserError
+from trainer.errors import Stopped, UserError
 from trainer.run_record import itstime
-
-
-class Preempted(Exception):
-    """SIGTERM (a preemption or a stopped job) or SIGINT (Ctrl-C) arrived; a checkpoint was
-    saved at this step (None: during the pass before training, whose chunks are kept)."""
-
-    def __init__(self, step, signum):
-        super().__init__(step)
-        self.step = step
-        self.signal = signal.Signals(signum).name
 
 
 class StopSignals:
@@ -70,14 +61,19 @@ class StopSignals:
     def _request(self, signum, frame):
         del frame
         self.requested = signum
+        again = ""
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            again = "; Ctrl-C again to stop at once"
+        # os.write: print() from a handler could re-enter a write the job was making.
+        os.write(2, f"{signal.Signals(signum).name}: stopping at the next step or batch, "
+                    f"keeping the work done{again}\n".encode())
 
     def between_batches(self, multiworker):
         """Stops a pass before training as soon as a signal asks (what it finished is kept);
         on one worker only, since the others would wait for it in the pass's gathers."""
         if self.requested and not multiworker:
-            raise Preempted(None, self.requested)
+            raise Stopped(None, self.requested)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +221,7 @@ class Trainer:
 
     def fit(self, phase):
         """Trains `phase` from the current step to its end; nothing if it is done already.
-        Returns the history of every epoch so far. Raises Preempted after saving a checkpoint
+        Returns the history of every epoch so far. Raises Stopped after saving a checkpoint
         if SIGTERM or Ctrl-C arrives on any worker.
 
         When storage fails transiently (reading data, writing a checkpoint), the phase goes on
@@ -290,7 +286,7 @@ class Trainer:
     def _run_epoch(self, phase, epoch, train_steps, iterator, evaluate):
         """Trains the rest of one epoch, then validates, records and checkpoints it. Periodic
         actions are tests on the step reached: a step checkpoint, a stop asked for by a signal
-        (checkpoint, then Preempted), a loss that is no longer finite (stop, keep the last good
+        (checkpoint, then Stopped), a loss that is no longer finite (stop, keep the last good
         checkpoint)."""
         began = time.time()
         steps_per_epoch = self.schedule.steps_per_epoch
@@ -319,11 +315,11 @@ class Trainer:
             if step < epoch_end and (stop or itstime(step, self.config.checkpoint_every_steps)):
                 self._save()
             if stop and step < epoch_end:
-                raise Preempted(step, self.stop.requested or signal.SIGTERM)
+                raise Stopped(step, self.stop.requested or signal.SIGTERM)
         self._end_epoch(phase, epoch, evaluate, time.time() - began,
                         self.record.sums[0, 2] - count_before)
         if stop:
-            raise Preempted(step, self.stop.requested or signal.SIGTERM)
+            raise Stopped(step, self.stop.requested or signal.SIGTERM)
 
     def _chunk(self, step, epoch_end):
         """Steps to run in the next call: up to steps_per_execution, never past the end of the
@@ -354,5 +350,6 @@ class Trainer:
 
 
 def _progress_bar(steps_per_epoch):
-    """Keras's progress bar on a terminal; on Vertex logs one line per epoch is enough."""
-    return keras.utils.Progbar(steps_per_epoch) if sys.stdout.isatty() else None
+    """Keras's progress bar on a terminal or in a notebook; on Vertex logs one line per epoch is
+    enough."""
+    return keras.utils.Progbar(steps_per_epoch) if progress.interactive() else None
