@@ -199,3 +199,18 @@ def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path, how):
     assert source.skipped == [big]
     assert source.skip_reasons == {big: "more than --max_image_pixels=10000 pixels"}
     assert len(source.train) + len(source.validation) == 6
+
+
+def test_each_worker_pass_reads_only_its_share_of_an_image_folder(tmp_path):
+    """Under MultiWorkerMirroredStrategy each worker runs one input pipeline: the pass's
+    pipelines read disjoint shares of the images, together all of them, and no file twice."""
+    root = images.folder(str(tmp_path / "data"), per_class=9, validation_per_class=1, size=16)
+    split = sources.scan(root).train
+    rows = np.arange(len(split))
+    given = []
+    for index in range(2):
+        context = tf.distribute.InputContext(2, index, 2)
+        batches = pipelines.image_pass(split, rows, 4, 8, Config.max_image_pixels, context)
+        given.append([int(row) for batch_rows, _ in batches for row in batch_rows if row >= 0])
+    assert sorted(given[0] + given[1]) == list(rows)  # 18 images, each read once in all
+    assert abs(len(given[0]) - len(given[1])) <= 2  # half each, to within a batch slice

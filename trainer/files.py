@@ -126,19 +126,23 @@ def listdir(path):
     return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(path))
 
 
-def stamps(folder):
+def stamps(folder, report=None):
     """{file name: stamp} of the files in a folder, from one listing and without reading them:
     a stamp says "this exact content" as far as storage tells without a read (a local file's
     size and modification time in ns; a gs:// object's size and generation, which every
-    write changes). An entry that cannot be stat'ed (a dangling link) gets "unreadable"."""
+    write changes). An entry that cannot be stat'ed (a dangling link) gets "unreadable".
+    report (a progress.Report) counts the entries as they come."""
+    found = {}
     if folder.startswith("gs://"):
         from trainer import buckets
         bucket, prefix = buckets.gcs_bucket(folder, "--data")
         prefix = prefix.rstrip("/") + "/"
-        return {blob.name[len(prefix):]: f"{blob.size}:{blob.generation}"
-                for blob in bucket.list_blobs(prefix=prefix, delimiter="/")
-                if blob.name != prefix}
-    found = {}
+        for blob in bucket.list_blobs(prefix=prefix, delimiter="/"):
+            if blob.name != prefix:
+                found[blob.name[len(prefix):]] = f"{blob.size}:{blob.generation}"
+                if report:
+                    report.add()
+        return found
     with os.scandir(folder) as entries:
         for entry in entries:
             try:
@@ -146,6 +150,8 @@ def stamps(folder):
                 found[entry.name] = f"{status.st_size}:{status.st_mtime_ns}"
             except OSError:
                 found[entry.name] = "unreadable"
+            if report:
+                report.add()
     return found
 
 

@@ -14,6 +14,8 @@ def interactive(stream=None):
 
 
 class Report:
+    """Progress of `what` over `total` items, or of a count whose total is not known until the
+    end (total None: a listing; lines only)."""
 
     def __init__(self, what, total, every=REPORT_SECONDS, stream=None):
         self.what, self.total, self.every = what, total, every
@@ -21,7 +23,7 @@ class Report:
         self.began = self.last = time.monotonic()
         self.done_count = 0
         self._bar = None
-        if interactive(self.stream):
+        if total is not None and interactive(self.stream):  # a bar of no known end says little
             import keras
             self._bar = keras.utils.Progbar(total, unit_name="image")
 
@@ -31,13 +33,18 @@ class Report:
             self._bar.update(done)
             return
         now = time.monotonic()
-        if now - self.last >= self.every and done < self.total:
+        if now - self.last >= self.every and (self.total is None or done < self.total):
             self.last = now
             print(self.line(now), file=self.stream, flush=True)
+
+    def add(self, count=1):
+        self.update(self.done_count + count)
 
     def line(self, now=None):
         elapsed = (now or time.monotonic()) - self.began
         rate = self.done_count / elapsed if elapsed > 0 else 0.0
+        if self.total is None:
+            return f"{self.what}: {self.done_count} so far, {rate:.0f}/s"
         left = (self.total - self.done_count) / rate if rate else float("inf")
         return (f"{self.what}: {self.done_count} of {self.total} "
                 f"({100 * self.done_count / max(self.total, 1):.0f}%), {rate:.0f}/s, "

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import files
+from trainer import progress
 from trainer import records
 from trainer.errors import UserError, first_line, op_reason
 
@@ -101,9 +102,9 @@ def scan(root, validation_split=0.2, seed=42, tfds_options=None):
 
 # -- image folders ---------------------------------------------------------------------------
 
-def _list_images(folder):
+def _list_images(folder, report):
     """(paths, stamps) of the images in a folder, from one listing."""
-    listed = sorted((name, stamp) for name, stamp in files.stamps(folder).items()
+    listed = sorted((name, stamp) for name, stamp in files.stamps(folder, report).items()
                     if name.lower().endswith(IMAGE_EXTENSIONS))
     return [files.join(folder, name) for name, _ in listed], [stamp for _, stamp in listed]
 
@@ -116,10 +117,10 @@ def _class_folders(split_root):
     return names
 
 
-def _list_split(split_root, class_names):
+def _list_split(split_root, class_names, report):
     paths, labels, stamps = [], [], []
     for label, name in enumerate(class_names):
-        images, image_stamps = _list_images(files.join(split_root, name))
+        images, image_stamps = _list_images(files.join(split_root, name), report)
         if not images:
             raise UserError(f"class folder {files.join(split_root, name)} holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
@@ -136,15 +137,18 @@ def _list_image_folder(root):
         raise UserError(f"--data={root} has no train/ folder: expected "
                         f"{root}/train/<class>/*.jpg (and optionally validation/<class>/)")
     class_names = _class_folders(train_root)
-    train = _list_split(train_root, class_names)
+    report = progress.Report(f"files listed in {root}", None)  # a line every 30 s, or a bar
+    train = _list_split(train_root, class_names, report)
     validation_root = files.join(root, "validation")
-    if not files.isdir(validation_root):
-        return class_names, train, None
-    validation_classes = _class_folders(validation_root)
-    if validation_classes != class_names:
-        raise UserError(f"{validation_root} has classes {validation_classes} but "
-                        f"{train_root} has {class_names}; they must match")
-    return class_names, train, _list_split(validation_root, class_names)
+    validation = None
+    if files.isdir(validation_root):
+        validation_classes = _class_folders(validation_root)
+        if validation_classes != class_names:
+            raise UserError(f"{validation_root} has classes {validation_classes} but "
+                            f"{train_root} has {class_names}; they must match")
+        validation = _list_split(validation_root, class_names, report)
+    report.done()
+    return class_names, train, validation
 
 
 def _need_held_out(validation_split, why):
