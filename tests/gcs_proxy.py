@@ -23,6 +23,7 @@ Run as its own process (TF blocks in C++ holding the GIL, which would deadlock a
 import http.client
 import json
 import re
+import socket
 import socketserver
 import ssl
 import sys
@@ -77,6 +78,9 @@ class Intercepting(socketserver.StreamRequestHandler):
         if method != "CONNECT" or not self.allowed(host):
             self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
             return
+        # Replies go out in several writes; with Nagle's algorithm each later one waits for
+        # the client's delayed ACK of the first, 40 ms a request (TF opens a connection a request).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.wfile.flush()
         secure = self.server.tls.wrap_socket(self.connection, server_side=True)
@@ -106,6 +110,8 @@ class Handler(Intercepting):
         if self.upstream is None:  # one connection to the emulator per client connection
             self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.emulator_port,
                                                        timeout=60)
+            self.upstream.connect()
+            self.upstream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self.forward(self.upstream, host, method, path, headers, body)
 
     def forward(self, upstream, host, method, path, headers, body):

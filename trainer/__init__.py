@@ -12,6 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # an unreachable bucket is reported. Five (about 30 s) is enough for a blip; longer outages
 # are retried by the job itself, within --storage_retry_seconds (files.Backoff).
 os.environ.setdefault("GCS_RETRY_CONFIG_MAX_RETRIES", "5")
+# Each gs:// file TensorFlow opens gets a read buffer of this many MB, allocated and cleared
+# whole: at its default of 64 MB, reading one 20 KB image took 30 ms of CPU, at 8 MB 1.3 ms.
+# 8 is what Model Garden's training images set. Shards are read in 8 MB requests then.
+os.environ.setdefault("GCS_READ_CACHE_BLOCK_SIZE_MB", "8")
 
 from trainer.api import Run, fit, load  # noqa: E402  (after the environment above)
 from trainer.config import Config  # noqa: E402

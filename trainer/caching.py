@@ -130,8 +130,9 @@ class ImagePass:
 
 def store_rows(store, array, rows, values):
     """array[rows] = values; returns the array, copied to float32 first when float16 would not
-    hold the values."""
-    if array.dtype == np.float16 and len(values) and not cache.fits_float16(values):
+    hold the values. Values already float16 (a chunk kept as float16) need no check."""
+    if (array.dtype == np.float16 and values.dtype != np.float16 and len(values)
+            and not cache.fits_float16(values)):
         array = store.copy(array, np.float32)
     array[rows] = values
     return array

@@ -19,6 +19,11 @@ from trainer import records
 from trainer import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Reads of remote files in flight at once. Each waits tens of milliseconds on the network and
+# takes little CPU, so many overlap; tf.data's autotuner, which sizes a map's parallelism to
+# the cores, would keep about as many reads in flight as there are cores. Each holds a read
+# buffer of GCS_READ_CACHE_BLOCK_SIZE_MB (see trainer/__init__.py).
+REMOTE_READS = 16
 
 
 # -- decoding --------------------------------------------------------------------------------
@@ -95,6 +100,10 @@ def shard(values, global_batch, context):
 
 # -- pipelines over a given order ------------------------------------------------------------
 
+def _remote(split):
+    return len(split.paths) > 0 and files.is_remote(split.paths[0])
+
+
 def _ordered_records(split, order, global_batch, context):
     """A prepared split's encoded images and labels at the positions of `order`, which must be
     the records in order, wrapping around (as evaluation_order gives): TFRecords are read
@@ -119,18 +128,22 @@ def pipeline(split, order, weights, global_batch, image_size, context, determini
     deterministic=False lets a decoded batch overtake a slower one before it (faster reads
     from remote storage): batches then come in a slightly different order than `order` says."""
     mine = shard(order, global_batch, context)
-    if not split.is_stream:
-        examples = tf.data.Dataset.from_tensor_slices((split.paths[mine], split.labels[mine]))
-    else:
+    read_here = not split.is_stream and not _remote(split)
+    if split.is_stream:
         examples = _ordered_records(split, order, global_batch, context)
+    else:
+        examples = tf.data.Dataset.from_tensor_slices((split.paths[mine], split.labels[mine]))
+        if not read_here:
+            examples = examples.map(lambda path, label: (tf.io.read_file(path), label),
+                                    num_parallel_calls=REMOTE_READS, deterministic=deterministic)
     dataset = tf.data.Dataset.zip(
         (examples, tf.data.Dataset.from_tensor_slices(shard(weights, global_batch, context))))
     dataset = dataset.batch(context.get_per_replica_batch_size(global_batch), drop_remainder=True)
 
     def load(example, weights):
         contents, labels = example
-        # Paths are read here, in parallel with decoding (remote reads are slow).
-        return decode_batch(contents, image_size, not split.is_stream), labels, weights
+        # Local files are read here, a batch a call, in parallel with decoding.
+        return decode_batch(contents, image_size, read_here), labels, weights
 
     # Shuffling was done on the file list (train_order); by default the parallel map keeps
     # that order, which exact resume and row-indexed outputs (features) rely on.
@@ -151,17 +164,22 @@ def image_pass(split, rows, global_batch, image_size, max_pixels, context):
     padded[:len(rows)] = rows
     mine = shard(padded, global_batch, context)
     per_replica = context.get_per_replica_batch_size(global_batch)
+    read_here = not split.is_stream and not _remote(split)
     if split.is_stream:
         examples = _records_from(split, int(rows[0]), len(padded), global_batch, context)
     else:
         examples = tf.data.Dataset.from_tensor_slices(
             (mine, np.where(mine >= 0, split.paths[np.maximum(mine, 0)], "")))
+        if not read_here:
+            examples = examples.map(lambda row, path: (row, tf.cond(
+                row >= 0, lambda: tf.io.read_file(path), lambda: tf.constant(b""))),
+                num_parallel_calls=REMOTE_READS)
     blank = (tf.constant(-1, tf.int64), tf.zeros([image_size, image_size, 3]))
 
     def load(row, item):
         def decoded():
-            # Paths are read here, in parallel with decoding (remote reads are slow).
-            contents = item if split.is_stream else tf.io.read_file(item)
+            # Local files are read here, in parallel with decoding.
+            contents = tf.io.read_file(item) if read_here else item
             pixels = tf.numpy_function(_pixels, [contents], tf.int64, stateful=False)
             with tf.control_dependencies([tf.debugging.Assert(pixels <= max_pixels, [row])]):
                 return decode_and_resize(contents, image_size)
