@@ -26,9 +26,10 @@ IMAGE_SIZE, BATCH = 224, 32
 def measure(kind, data, epochs):
     """Images per second through one pipeline over `epochs` passes, after a warm-up batch (in
     this process)."""
-    import tensorflow as tf
+    # trainer first, as in a job: it sets TensorFlow's gs:// read buffer before TF reads it.
     from trainer import pipelines
     from trainer import sources
+    import tensorflow as tf
     if kind == "keras":
         dataset = tf.keras.utils.image_dataset_from_directory(
             f"{data}/train", batch_size=BATCH, image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0,

@@ -1,6 +1,7 @@
 """What a job costs as its data grows, measured in one run.
 
     python scripts/bench_scale.py [--sizes=1000,4000,16000] [--gcs_images=1000] [--workdir=DIR]
+                                  [--jobs_from=CHECKOUT]
 
 At each size, on generated photo-like JPEGs (two classes, 2:1 train/validation) with
 MobileNetV2 at 96 px, each job a process of its own:
@@ -17,6 +18,9 @@ from gs://, and one reading trainer.prepare's shards from gs://.
 Images read are counted from outside the job, by inotify: every open of an image file.
 Stops are triggered by what the job does (a line it prints, a count of its reads), never by
 a clock. Lines of the job's own log give the times.
+
+--jobs_from runs the jobs and prepare of another checkout (say, an earlier commit's, for a
+before-and-after on the same machine); the data, the emulator and the counting stay this one's.
 """
 
 import argparse
@@ -33,6 +37,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS_FROM = REPO  # the checkout whose trainer the jobs run (--jobs_from)
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
@@ -82,7 +87,7 @@ def job(flags, stop_when=None, env=None):
     began = time.time()
     process = subprocess.Popen([sys.executable, "-m", "trainer.task", *JOB, *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                               cwd=JOBS_FROM, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                                                   **(env or {})))
     errors = []
     reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
@@ -116,7 +121,7 @@ def stopped_mid_pass(flags, reads, images):
     reads.take()
     process = subprocess.Popen([sys.executable, "-m", "trainer.task", *JOB, *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                               cwd=JOBS_FROM, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
     def stop_at_half():
         while process.poll() is None:
@@ -127,7 +132,8 @@ def stopped_mid_pass(flags, reads, images):
 
     threading.Thread(target=stop_at_half, daemon=True).start()
     output = process.communicate()[0]
-    if process.returncode != 42:
+    # 42: stopped, its work kept; -SIGTERM: killed by it (a job that did not handle it).
+    if process.returncode not in (42, -signal.SIGTERM):
         sys.exit(f"the job stopped mid-pass exited {process.returncode}:\n{output[-3000:]}")
     before = reads.take()
     job(flags, stop_when=at_first_epoch)
@@ -142,7 +148,7 @@ def prepare(data, output, env=None):
     """(peak RSS MB, seconds) of trainer.prepare."""
     began = time.time()
     process = subprocess.Popen([sys.executable, "-m", "trainer.prepare", f"--images={data}",
-                                f"--output={output}", "--overwrite"], cwd=REPO,
+                                f"--output={output}", "--overwrite"], cwd=JOBS_FROM,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})))
     _, status, usage = os.wait4(process.pid, 0)
@@ -208,7 +214,10 @@ def main():
     parser.add_argument("--sizes", default="1000,4000,16000")
     parser.add_argument("--gcs_images", type=int, default=1000)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--jobs_from", default=REPO)
     args = parser.parse_args()
+    global JOBS_FROM
+    JOBS_FROM = os.path.abspath(args.jobs_from)
     from bench_train import CALIBRATE, timed
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-scale-")
     sizes = [int(size) for size in args.sizes.split(",")]

@@ -41,6 +41,7 @@ def test_smoke_job_learns_and_writes_every_output(smoke):
     for key in ("val_loss", "epochs_completed", "skipped_images", "resumed_from_epoch",
                 "train_images", "val_images", "wall_seconds"):
         assert key in metrics
+    assert set(metrics["phase_seconds"]) == {"head", "fine_tune"} and metrics["pass_seconds"] > 0
     assert metrics["resumed_from_epoch"] is None and metrics["epochs_completed"] == 8
     assert (metrics["train_images"], metrics["val_images"], metrics["skipped_images"]) == (360, 90, 0)
     with open(os.path.join(model_dir, "labels.txt")) as handle:

@@ -16,6 +16,7 @@ trains nothing, and it checkpoints nothing: the loop (train.py) calls it.
 """
 
 import dataclasses
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -85,17 +86,21 @@ def read_images_once(config, strategy, policy, source, classifier, fine_tune_at,
               "the backbone computes once", flush=True)
     cache_folder = ((config.feature_cache, f"--feature_cache {config.feature_cache}")
                     if config.feature_cache else (run_cache, run_cache))
+    began = time.time()
     computed, store = caching.read_images_once(config, strategy, policy, source, classifier,
                                                cut, inputs, cache_folder, chief, stop_check)
-    return PhaseData(config, strategy, computed, classifier, cut, inputs, store)
+    return PhaseData(config, strategy, computed, classifier, cut, inputs, store,
+                     round(time.time() - began, 2))
 
 
 class PhaseData:
     """The training batches and validation data of each phase, for one run. A phase's data
     starts at a given step: the order follows from the step alone, for exact resume."""
 
-    def __init__(self, config, strategy, computed, classifier, cut, inputs, store):
+    def __init__(self, config, strategy, computed, classifier, cut, inputs, store,
+                 pass_seconds):
         self.config = config
+        self.pass_seconds = pass_seconds  # of the backbone pass (or the chunks' read), wall
         self.strategy = strategy
         self.global_batch = config.batch_size
         self.source = computed.source

@@ -271,6 +271,7 @@ def _write_report(trainer, evaluation, config, layout, resumed_step, began):
         "global_steps": trainer.schedule.total_steps,
         "replicas": trainer.schedule.replicas,
         "phase_seconds": trainer.phase_seconds,
+        "pass_seconds": trainer.data.pass_seconds,
         "cached_features": [phase.name for phase in trainer.schedule.phases
                             if trainer.data.inputs[phase.name].cached],
         "cache_bytes_per_image": trainer.data.cache_bytes_per_image,
