@@ -100,8 +100,10 @@ def shard(values, global_batch, context):
 
 # -- pipelines over a given order ------------------------------------------------------------
 
-def _remote(split):
-    return len(split.paths) > 0 and files.is_remote(split.paths[0])
+def _read_while_decoding(split):
+    """Whether a split's files are read in the decoding map: local image files are; a remote
+    file is read ahead in a map of its own (REMOTE_READS), a record comes read."""
+    return not split.is_stream and not (len(split.paths) and files.is_remote(split.paths[0]))
 
 
 def _ordered_records(split, order, global_batch, context):
@@ -128,7 +130,7 @@ def pipeline(split, order, weights, global_batch, image_size, context, determini
     deterministic=False lets a decoded batch overtake a slower one before it (faster reads
     from remote storage): batches then come in a slightly different order than `order` says."""
     mine = shard(order, global_batch, context)
-    read_here = not split.is_stream and not _remote(split)
+    read_here = _read_while_decoding(split)
     if split.is_stream:
         examples = _ordered_records(split, order, global_batch, context)
     else:
@@ -164,7 +166,7 @@ def image_pass(split, rows, global_batch, image_size, max_pixels, context):
     padded[:len(rows)] = rows
     mine = shard(padded, global_batch, context)
     per_replica = context.get_per_replica_batch_size(global_batch)
-    read_here = not split.is_stream and not _remote(split)
+    read_here = _read_while_decoding(split)
     if split.is_stream:
         examples = _records_from(split, int(rows[0]), len(padded), global_batch, context)
     else:

@@ -137,7 +137,7 @@ def _list_image_folder(root):
         raise UserError(f"--data={root} has no train/ folder: expected "
                         f"{root}/train/<class>/*.jpg (and optionally validation/<class>/)")
     class_names = _class_folders(train_root)
-    report = progress.Report(f"files listed in {root}", None)  # a line every 30 s, or a bar
+    report = progress.Report(f"files listed in {root}", None)  # a line every 30 s
     train = _list_split(train_root, class_names, report)
     validation_root = files.join(root, "validation")
     validation = None
