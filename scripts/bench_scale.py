@@ -119,7 +119,8 @@ def stopped_mid_pass(flags, reads, images):
     """SIGTERM once the job has read half the images, then the same command again:
     (images read before the stop, images the rerun read)."""
     reads.take()
-    process = subprocess.Popen([sys.executable, "-m", "trainer.task", *JOB, *flags],
+    process = subprocess.Popen([sys.executable, "-m", "trainer.task", *JOB, *flags,
+                                "--overwrite"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=JOBS_FROM, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 

@@ -1,5 +1,6 @@
 """The command line itself: help and flag errors without loading TensorFlow."""
 
+import gc
 import subprocess
 import sys
 
@@ -75,3 +76,20 @@ def test_predict_and_prepare_answer_help_and_errors_without_loading_tensorflow(m
     assert not {"tensorflow", "keras"} & imported
     if code:
         assert error_line(process)
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_loading_tensorflow_pauses_the_garbage_collector_and_puts_it_back(collecting):
+    from trainer import cli
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        with cli.loading_tensorflow():
+            paused = not gc.isenabled()
+        assert paused and gc.isenabled() == collecting
+        with pytest.raises(ValueError):  # put back however the load ends
+            with cli.loading_tensorflow():
+                raise ValueError
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()

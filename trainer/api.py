@@ -103,7 +103,7 @@ def _as_a_separate_job():
     import numpy as np
     from absl import logging
     from trainer import cli
-    with cli.quiet_tensorflow_load():
+    with cli.loading_tensorflow():
         import keras
         import tensorflow as tf
     saved = (random.getstate(), np.random.get_state(), tf.compat.v1.get_seed(None)[0],

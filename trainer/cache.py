@@ -152,10 +152,11 @@ def decode(content, key):
     array's hash, so no damage can pass for a chunk."""
     if not content.startswith(_MAGIC):
         raise Damaged("not a feature cache entry of this version")
+    content = memoryview(content)  # slices of it are views: a chunk's arrays are not copied
     start = len(_MAGIC) + 8 + 32
     length = int.from_bytes(content[len(_MAGIC):start - 32], "little")
-    text = content[start:start + length]
-    if hashlib.sha256(text).digest() != content[start - 32:start]:
+    text = content[start:start + length].tobytes()
+    if hashlib.sha256(text).digest() != content[start - 32:start].tobytes():
         raise Damaged("its header is cut short or altered")
     header = json.loads(text)
     if header.get("key") != key:

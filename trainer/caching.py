@@ -15,6 +15,7 @@ so those are known without reading them again. The cache in --model_dir is remov
 run completes; --feature_cache's is kept for later jobs.
 """
 
+import concurrent.futures
 import dataclasses
 import time
 
@@ -32,6 +33,8 @@ from trainer import sources
 # Rows of a chunk: about CHUNK_BYTES of what the pass gives, within these bounds.
 CHUNK_BYTES = 32 * 2**20
 CHUNK_ROWS = (64, 4096)
+# Chunks read at a time by a job that finds them.
+CHUNK_READERS = 4
 
 # Passes over images that a first pass left out but that read fine when checked again (a
 # transient storage failure): after these, the job stops with an error.
@@ -236,32 +239,44 @@ class BackbonePass:
 
     def _read_chunks(self, entries, arrays, bad):
         """Fills `arrays` and `bad` from the chunks found whole; returns the set of (phase,
-        split name, start, end) of the others. A damaged chunk is reported and computed again."""
+        split name, start, end) of the others. A damaged chunk is reported and computed again.
+        CHUNK_READERS chunks are read and checked at a time (the hash and the reads release
+        the GIL; from gs:// each read waits on the network) while this thread copies out the
+        ones before."""
         missing = set()
-        for entry in entries:
-            for name in sources.SPLITS:
-                for start, end in entry.chunks(len(getattr(self.source, name))):
-                    chunk = entry.chunk_name(name, start, end)
-                    try:
-                        content, self._versions[chunk] = self.shared.read(chunk)
-                        if content is not None:
-                            values, meta = cache.decode(content, entry.chunk_key(name, start, end))
-                            for index, value in enumerate(values):
-                                arrays[entry.phase][name][index] = store_rows(
-                                    self.store, arrays[entry.phase][name][index],
-                                    slice(start, end), value)
-                            bad[name].update({int(row): why for row, why in meta.items()})
-                            self.chunks_read[entry.phase] = self.chunks_read.get(entry.phase, 0) + 1
-                            continue
-                    except cache.Damaged as damaged:
-                        logging.warning("feature cache entry %s is damaged (%s): computing it "
-                                        "again", self.shared.path(chunk), damaged)
-                    except self.shared.transient as error:
-                        logging.warning("could not read the feature cache entry %s (%s): "
-                                        "computing it", self.shared.path(chunk),
-                                        errors.first_line(error))
+        chunks = [(entry, name, start, end) for entry in entries for name in sources.SPLITS
+                  for start, end in entry.chunks(len(getattr(self.source, name)))]
+        with concurrent.futures.ThreadPoolExecutor(CHUNK_READERS) as pool:
+            fetched = sources.in_windows(pool, lambda chunk: self._fetch(*chunk), chunks,
+                                         CHUNK_READERS)
+            for (entry, name, start, end), (version, decoded) in zip(chunks, fetched):
+                self._versions[entry.chunk_name(name, start, end)] = version
+                if decoded is None:
                     missing.add((entry.phase, name, start, end))
+                    continue
+                values, meta = decoded
+                for index, value in enumerate(values):
+                    arrays[entry.phase][name][index] = store_rows(
+                        self.store, arrays[entry.phase][name][index], slice(start, end), value)
+                bad[name].update({int(row): why for row, why in meta.items()})
+                self.chunks_read[entry.phase] = self.chunks_read.get(entry.phase, 0) + 1
         return missing
+
+    def _fetch(self, entry, name, start, end):
+        """(the version a replacement is conditional on, cache.decode's (arrays, meta) or None
+        when the chunk is absent or cannot be used)."""
+        chunk, version = entry.chunk_name(name, start, end), None
+        try:
+            content, version = self.shared.read(chunk)
+            if content is not None:
+                return version, cache.decode(content, entry.chunk_key(name, start, end))
+        except cache.Damaged as damaged:
+            logging.warning("feature cache entry %s is damaged (%s): computing it again",
+                            self.shared.path(chunk), damaged)
+        except self.shared.transient as error:
+            logging.warning("could not read the feature cache entry %s (%s): computing it",
+                            self.shared.path(chunk), errors.first_line(error))
+        return version, None
 
     def _everywhere(self, entries, missing):
         """The chunks missing on any worker: every worker must run the pass over them together

@@ -173,10 +173,16 @@ class PhaseData:
         run ended in a cached phase, else one pass over the images."""
         if self._validation is not None:
             model, arrays = self._validation
+            # One graph for every batch: called eagerly, layer by layer, the top took 4 s for
+            # 5,000 images, three times the epoch's validation.
+            predict = tf.function(
+                lambda *inputs: model(model_lib.unlist(list(inputs)), training=False),
+                input_signature=[tf.TensorSpec((None, *array.shape[1:]), tf.float32)
+                                 for array in arrays])
             batch = self.global_batch  # the activations of a batch through the top
             logits = np.concatenate([
-                model(model_lib.unlist([array[start:start + batch].astype(np.float32, copy=False)
-                                        for array in arrays]), training=False)
+                predict(*[array[start:start + batch].astype(np.float32, copy=False)
+                          for array in arrays])
                 for start in range(0, len(arrays[0]), batch)])
             return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
         inference = self.classifier.inference

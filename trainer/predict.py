@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from trainer.cli import quiet_tensorflow_load, run_main
+from trainer.cli import loading_tensorflow, run_main
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -32,7 +32,7 @@ def main(argv):
         raise UserError("name one or more image files or folders to classify")
     if FLAGS.top_k < 1:
         raise UserError(f"--top_k={FLAGS.top_k}: give how many classes to print, 1 or more")
-    with quiet_tensorflow_load():
+    with loading_tensorflow():
         import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
     from trainer import predictor

@@ -22,7 +22,7 @@ from PIL import Image
 
 from trainer import config as config_lib
 from trainer.config import Config
-from trainer.cli import quiet_tensorflow_load, run_main
+from trainer.cli import loading_tensorflow, run_main
 from trainer.errors import UserError, first_line
 
 flags.DEFINE_string("images", None, "Image folder ROOT with train/<class>/ (and optionally "
@@ -122,7 +122,7 @@ def main(argv):
     del argv
     if not FLAGS.images or not FLAGS.output:
         raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
-    with quiet_tensorflow_load():
+    with loading_tensorflow():
         import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
     from trainer import files, records, sources

@@ -15,7 +15,7 @@ from absl import logging
 from trainer import config as config_lib
 from trainer import errors
 from trainer import lease
-from trainer.cli import quiet_tensorflow_load, run_main
+from trainer.cli import loading_tensorflow, run_main
 from trainer.errors import Stopped
 
 FLAGS = flags.FLAGS
@@ -48,9 +48,9 @@ def run(config, overwrite=False, dry_run=False):
     began = time.time()
     # The stages load TensorFlow (seconds): imported once the flags are known to be good, so
     # that --help and a wrong flag answer at once.
-    with quiet_tensorflow_load():
+    with loading_tensorflow():
         import tensorflow as tf
-    from trainer import files, model, outputs, train
+        from trainer import files, model, outputs, train
     tf.get_logger().setLevel("ERROR")
     model.check(config.backbone, config.image_size, config.base_weights)
     if config.feature_cache:
