@@ -244,13 +244,14 @@ class BackbonePass:
         the GIL; from gs:// each read waits on the network) while this thread copies out the
         ones before."""
         missing = set()
-        chunks = [(entry, name, start, end) for entry in entries for name in sources.SPLITS
+        chunks = [(entry, name, start, end, entry.chunk_name(name, start, end))
+                  for entry in entries for name in sources.SPLITS
                   for start, end in entry.chunks(len(getattr(self.source, name)))]
         with concurrent.futures.ThreadPoolExecutor(CHUNK_READERS) as pool:
             fetched = sources.in_windows(pool, lambda chunk: self._fetch(*chunk), chunks,
                                          CHUNK_READERS)
-            for (entry, name, start, end), (version, decoded) in zip(chunks, fetched):
-                self._versions[entry.chunk_name(name, start, end)] = version
+            for (entry, name, start, end, chunk), (version, decoded) in zip(chunks, fetched):
+                self._versions[chunk] = version
                 if decoded is None:
                     missing.add((entry.phase, name, start, end))
                     continue
@@ -262,10 +263,10 @@ class BackbonePass:
                 self.chunks_read[entry.phase] = self.chunks_read.get(entry.phase, 0) + 1
         return missing
 
-    def _fetch(self, entry, name, start, end):
-        """(the version a replacement is conditional on, cache.decode's (arrays, meta) or None
-        when the chunk is absent or cannot be used)."""
-        chunk, version = entry.chunk_name(name, start, end), None
+    def _fetch(self, entry, name, start, end, chunk):
+        """(the version a replacement of the file `chunk` is conditional on, cache.decode's
+        (arrays, meta) or None when it is absent or cannot be used)."""
+        version = None
         try:
             content, version = self.shared.read(chunk)
             if content is not None:

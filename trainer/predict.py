@@ -34,8 +34,8 @@ def main(argv):
         raise UserError(f"--top_k={FLAGS.top_k}: give how many classes to print, 1 or more")
     with loading_tensorflow():
         import tensorflow as tf
+        from trainer import predictor
     tf.get_logger().setLevel("ERROR")
-    from trainer import predictor
     model = predictor.Predictor(FLAGS.model_dir, FLAGS.max_image_pixels)
     try:
         failed = _print_predictions(model, predictor.expand(paths))

@@ -124,8 +124,8 @@ def main(argv):
         raise UserError("pass --images=ROOT (an image folder) and --output=DIR (local or gs://)")
     with loading_tensorflow():
         import tensorflow as tf
+        from trainer import files, records, sources
     tf.get_logger().setLevel("ERROR")
-    from trainer import files, records, sources
     output = FLAGS.output.rstrip("/")
     info_path = files.join(output, records.DATASET_INFO)
     if files.exists(info_path) and not FLAGS.overwrite:
