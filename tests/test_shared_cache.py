@@ -3,6 +3,7 @@
 import concurrent.futures
 import logging
 import os
+import re
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from tests import images
 from tests.test_train import tiny_data, tiny_trainer
 from trainer import cache
+from trainer.errors import UserError
 
 KEY = {"backbone": "small_cnn", "image_size": 16, "outputs": "pooled backbone features"}
 
@@ -96,9 +98,14 @@ def test_a_later_job_with_the_same_key_skips_the_backbone_pass(tmp_path, capsys)
         ["activations", "train"], ["activations", "validation"], ["features", "train"],
         ["features", "validation"]]
     second, again, _ = _run(tmp_path, "second", data, capsys)
-    assert "cached backbone" not in second
-    assert ("read backbone features and activations entering layer 7 of 8 train and 2 "
-            f"validation images from --feature_cache {tmp_path / 'shared'}") in second
+    assert "cached backbone" not in second and "cached activations" not in second
+    shared = f"--feature_cache {tmp_path / 'shared'}"
+    # Phase 2's activations are read when it starts, after phase 1's epochs.
+    assert re.search(
+        f"read backbone features of 8 train and 2 validation images from {shared} in .*\n"
+        f"activations entering layer 7 of small_cnn at 16 px found in {shared}: read when "
+        "phase fine_tune starts\n(.*\n)*epoch 1/2 .*\nread activations entering layer 7 of 8 "
+        f"train and 2 validation images from {shared} in .*\nepoch 2/2 ", second), second
     assert _losses(again) == _losses(history)
 
 
@@ -123,18 +130,44 @@ def _image_files(folder):
             for name in names if name.endswith(".jpg")]
 
 
-def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, caplog):
+# Phase 1's features are read before training, phase 2's activations when phase 2 starts.
+@pytest.mark.parametrize("entry, what, after", [
+    (2, "backbone features", "read activations entering layer 7 of .*"),
+    (0, "activations entering layer 7", "epoch 1/2 .*")])
+def test_a_damaged_entry_is_computed_again_with_a_warning(tmp_path, capsys, caplog, entry,
+                                                          what, after):
     data = tiny_data(tmp_path / "data")
     _, history, entries = _run(tmp_path, "first", data, capsys)
-    path = tmp_path / "shared" / entries[2]  # the features of the train images
+    path = tmp_path / "shared" / entries[entry]  # of the train images
     path.write_bytes(path.read_bytes()[:-100])
     with caplog.at_level(logging.WARNING):
         out, again, _ = _run(tmp_path, "second", data, capsys)
     assert f"feature cache entry {path} is damaged" in caplog.text
-    assert "read activations entering layer 7" in out and "cached backbone features" in out
+    # The chunk computed, the other one of its phase (validation) read.
+    assert re.search(f"{after}\ncached {what} of 8 train and 2 validation images in .*, "
+                     "1 chunk\\(s\\) of it read from ", out), out
     assert _losses(again) == _losses(history)
     out, _, _ = _run(tmp_path, "third", data, capsys)  # published whole again
-    assert "read backbone features and activations" in out
+    assert "read backbone features of" in out and "read activations entering" in out
+    assert "cached backbone" not in out and "cached activations" not in out
+
+
+def test_an_image_that_no_longer_reads_when_phase_2_computes_a_chunk_is_an_error(tmp_path,
+                                                                                 capsys):
+    data = tiny_data(tmp_path / "data")
+    _, _, entries = _run(tmp_path, "first", data, capsys)
+    path = tmp_path / "shared" / entries[0]  # the activations of the train images
+    path.write_bytes(path.read_bytes()[:-100])
+    image = sorted(_image_files(data))[0]  # a train image
+    status = os.stat(image)
+    with open(image, "r+b") as handle:  # same size and time: the same key
+        handle.write(b"\0" * 64)
+    os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
+    # Read fine by the pass (phase 1's chunks hold it), so the run's examples would change.
+    with pytest.raises(UserError, match=r"\.jpg .* for phase fine_tune, though it read when "
+                                        r"the job started: check it and run the same command "
+                                        r"again \(training is kept\)"):
+        _run(tmp_path, "second", data, capsys)
 
 
 def test_storage_failing_under_the_cache_costs_the_chunk_not_the_job(tmp_path, capsys, caplog,

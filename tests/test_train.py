@@ -40,10 +40,12 @@ def tiny_trainer(tmp_path, data=None, adjust=None, stop=None, **overrides):
     if adjust:
         adjust(classifier)
     stop = stop or train.StopSignals()
+    listed = train.Schedule.of(config, len(source.train), strategy.num_replicas_in_sync)
     data = phase_data.read_images_once(
         config, strategy, "float32", source, classifier,
         model.fine_tune_layer(config.backbone, config.fine_tune_at),
-        str(tmp_path / "cache"), True, lambda: stop.between_batches(False))
+        str(tmp_path / "cache"), True, lambda: stop.between_batches(False),
+        train.starting_phase(listed, str(tmp_path / "checkpoints")))
     schedule = train.Schedule.of(config, len(data.source.train), strategy.num_replicas_in_sync)
     execution = strategy_lib.execution("cpu", "off", 0, "off", schedule.steps_per_epoch)
     return train.Trainer(config, strategy, schedule, execution, classifier, data, stop,
@@ -216,14 +218,32 @@ def test_a_resumed_run_reads_no_image(tmp_path, monkeypatch, capsys):
             handle.write(b"\0" * status.st_size)
         os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
     capsys.readouterr()
+    read, original = [], cache.SharedCache.read
+    monkeypatch.setattr(cache.SharedCache, "read",
+                        lambda shared, name: read.append(name) or original(shared, name))
     with tiny_trainer(tmp_path / "run", **settings) as resumed:
         assert resumed.data.images_read == 0
         assert (len(resumed.source.train), len(resumed.source.validation)) == (8, 2)
-        assert "read backbone features and activations entering layer 7 of 8 train and 2 " \
-            "validation images from " in capsys.readouterr().out
+        # Resumed in phase 2: phase 1's features are never read.
+        out = capsys.readouterr().out
+        assert ("read activations entering layer 7 of 8 train and 2 validation images from "
+                in out)
+        assert "backbone features of small_cnn at 16 px found in " in out
         assert resumed.restore() == 2
+        resumed.fit(resumed.schedule.head)
         resumed.fit(resumed.schedule.fine_tune)
+        probabilities = resumed.predict_validation()
     assert len(resumed.history) == 3
+    assert len(read) == 5 and all("-activations-" in name for name in read)
+    # Stopped after training, before the report: the rerun's report reads no image either
+    # (one read would fail to decode, and the report stop with an error).
+    with tiny_trainer(tmp_path / "run", **settings) as rerun:
+        assert rerun.restore() == rerun.schedule.total_steps
+        rerun.fit(rerun.schedule.head)
+        rerun.fit(rerun.schedule.fine_tune)
+        np.testing.assert_allclose(rerun.predict_validation(), probabilities)
+        assert rerun.data.images_read == 0
+    assert len(read) == 10 and all("-activations-" in name for name in read)
 
 
 def test_schedule_derives_the_run_quantities_once():
@@ -233,6 +253,9 @@ def test_schedule_derives_the_run_quantities_once():
         4, 8, 20)
     assert [(p.name, p.first_epoch, p.end_epoch) for p in schedule.phases] == [
         ("head", 0, 3), ("fine_tune", 3, 5)]
+    # Where a job goes on from a step; the last phase once training is done.
+    assert [schedule.phase_at(step).name for step in (0, 11, 12, 19, 20)] == [
+        "head", "head", "fine_tune", "fine_tune", "fine_tune"]
     only_head = train.Schedule.of(config_lib.Config(data="x", fine_tune_epochs=0), 100, 1)
     assert [phase.name for phase in only_head.phases] == ["head"]
 

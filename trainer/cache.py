@@ -227,6 +227,17 @@ class SharedCache:
             except OSError:
                 continue  # renamed or removed meanwhile
 
+    def names(self):
+        """The names of the entries in the folder, from one listing (no entry is read)."""
+        if not self._gcs_errors:
+            try:
+                return set(os.listdir(self.folder))
+            except FileNotFoundError:
+                return set()
+        prefix = f"{self._prefix}/".lstrip("/")
+        return {blob.name[len(prefix):]
+                for blob in self._bucket.list_blobs(prefix=prefix, delimiter="/")}
+
     def read(self, name):
         """(bytes or None when absent, the version a replacement is conditional on)."""
         if not self._gcs_errors:

@@ -11,12 +11,15 @@ The backbone pass keeps what it computes in chunks of rows, each published as so
 complete, in --feature_cache or else in --model_dir/cache: a job stopped in the middle of the
 pass loses at most the chunk it was computing, and a resumed job, a later trial or another
 worker finds every chunk and reads no image. A chunk records the bad images among its rows,
-so those are known without reading them again. The cache in --model_dir is removed when the
+so those are known without reading them again, and one phase's chunks are enough to know
+them all: a job that finds every chunk reads only those of the phase it trains first, and
+the others when their phase starts. The cache in --model_dir is removed when the
 run completes; --feature_cache's is kept for later jobs.
 """
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 
 from absl import logging
@@ -45,7 +48,8 @@ RETRIES = 3
 class Computed:
     """What the pass gave: the checked source, and what each phase trains on."""
     source: object    # sources.Source, the bad images left out
-    arrays_of: dict   # phase name: [train arrays, validation arrays], one row an example
+    arrays_of: dict   # phase name: [train arrays, validation arrays], one row an example,
+    #                   or a function that reads them when the phase starts
     decoded: list     # [[train images], [validation images]] decoded once, or None
     from_storage: int = 0  # images read from storage by the pass
 
@@ -201,6 +205,7 @@ class BackbonePass:
         self._versions = {}  # chunk name: the version a publish is conditional on
         self.chunks_read = {}  # phase: chunks read rather than computed
         self.published = {}  # phase: chunks this job published
+        self.deferred = {}  # phase: the _Entry of its chunks, read when the phase starts
 
     def _entry(self, phase):
         features = self.classifier.features
@@ -210,32 +215,99 @@ class BackbonePass:
             computing, specs = self.cut.bottom, [(shape, np.float16) for shape in self.cut.shapes]
         return _Entry.of(phase, cache.entry_key(self.common, phase, computing, self.cut), specs)
 
-    def run(self, phases):
+    def run(self, phases, starting):
         """({phase: [train arrays, validation arrays]}, {split name: {row: why}} of the bad
-        images), the arrays the length of the listed splits, bad rows left as zeros."""
+        images), the arrays the length of the listed splits, bad rows left as zeros.
+
+        When every chunk of every phase is kept (a resume, a --feature_cache hit), only those
+        of `starting`, the phase this process trains first, are read now: they give the bad
+        images too. The others are left out of the result and listed in `self.deferred`, to be
+        read when their phase starts (read_deferred): a resume in phase 2 never reads phase 1's
+        features, and a phase's arrays are not held while another trains."""
         began = time.time()
         entries = [self._entry(phase) for phase in phases]
-        arrays = {entry.phase: {name: [self.store.allocate((len(getattr(self.source, name)),
-                                                            *shape), dtype)
-                                       for shape, dtype in entry.specs]
-                                for name in sources.SPLITS} for entry in entries}
-        bad = {name: {} for name in sources.SPLITS}
-        missing = self._read_chunks(entries, arrays, bad)
-        missing = self._everywhere(entries, missing)
+        now = entries
+        if len(entries) > 1 and not self._everywhere(entries, self._absent(entries)):
+            now = [entry for entry in entries if entry.phase == starting] or entries[:1]
+        arrays, bad = {}, {name: {} for name in sources.SPLITS}
+        missing = self._read(now, arrays, bad)
+        if missing and now != entries:
+            # A pass over the images after all (a chunk could not be read): it computes
+            # every phase's rows at once.
+            missing |= self._read([entry for entry in entries if entry not in now], arrays,
+                                  bad)
+            now = entries
+        self.deferred = {entry.phase: entry for entry in entries if entry not in now}
+        entries = now
         read_phases = [entry.phase for entry in entries
                        if not any(key[0] == entry.phase for key in missing)]
         for name in sources.SPLITS:
             self._compute(name, [entry for entry in entries if entry.phase not in read_phases],
                           arrays, bad, missing)
         self._announce(entries, read_phases, arrays, time.time() - began)
+        for phase, entry in self.deferred.items():
+            print(f"{cache.describe(entry.key)} found in {self.shared.described}: read when "
+                  f"phase {phase} starts", flush=True)
+        self._say_kept(entries)
+        return ({phase: [arrays[phase][name] for name in sources.SPLITS] for phase in arrays},
+                bad)
+
+    def read_deferred(self, phase, bad, kept):
+        """[train arrays, validation arrays] of a phase run() deferred, of the examples kept
+        (`kept`: the rows of each split that `bad`, run()'s, left in). A chunk that cannot be
+        read now is computed, reading its images; one of those that no longer reads is an
+        error, since the run's examples cannot change in the middle of it."""
+        began = time.time()
+        entry = self.deferred.pop(phase)
+        arrays, found = {}, {name: dict(bad[name]) for name in sources.SPLITS}
+        missing = self._read([entry], arrays, found)
+        for name in sources.SPLITS:
+            self._compute(name, [entry], arrays, found, missing)
+            changed = sorted(set(found[name]) - set(bad[name]))
+            if changed:
+                row = changed[0]
+                raise errors.UserError(
+                    f"{getattr(self.source, name).paths[row]} {found[name][row]} for phase "
+                    f"{phase}, though it read when the job started: check it and run the same "
+                    "command again (training is kept)")
+        self._announce([entry], [] if missing else [phase], arrays, time.time() - began)
+        self._say_kept([entry])
+        return [[cache.compact(array, rows) for array in arrays[phase][name]]
+                for name, rows in zip(sources.SPLITS, kept)]
+
+    def _read(self, entries, arrays, bad):
+        """Allocates arrays[phase] of each of `entries`, the length of the listed splits, and
+        fills them and `bad` from the chunks found whole; returns the set of (phase, split
+        name, start, end) of the chunks missing on any worker."""
+        for entry in entries:
+            arrays[entry.phase] = {
+                name: [self.store.allocate((len(getattr(self.source, name)), *shape), dtype)
+                       for shape, dtype in entry.specs]
+                for name in sources.SPLITS}
+        return self._everywhere(entries, self._read_chunks(entries, arrays, bad))
+
+    def _say_kept(self, entries):
+        """What this job published in --feature_cache, for later jobs."""
         if self.for_later_jobs:
             for entry in entries:
                 if self.published.get(entry.phase):
                     print(f"kept {cache.describe(entry.key)} in {self.shared.described} "
                           f"({self.published[entry.phase]} chunk(s)) for later jobs with the "
                           "same key", flush=True)
-        return ({phase: [arrays[phase][name] for name in sources.SPLITS] for phase in arrays},
-                bad)
+
+    def _absent(self, entries):
+        """The set of (phase, split name, start, end) of the chunks of `entries` not in one
+        listing of the cache (all of them when it cannot be listed)."""
+        chunks = {(entry.phase, name, start, end): entry.chunk_name(name, start, end)
+                  for entry in entries for name in sources.SPLITS
+                  for start, end in entry.chunks(len(getattr(self.source, name)))}
+        try:
+            names = self.shared.names()
+        except self.shared.transient as error:
+            logging.warning("could not list the feature cache %s (%s): reading every entry",
+                            self.shared.described, errors.first_line(error))
+            return set(chunks)
+        return {chunk for chunk, name in chunks.items() if name not in names}
 
     def _read_chunks(self, entries, arrays, bad):
         """Fills `arrays` and `bad` from the chunks found whole; returns the set of (phase,
@@ -393,10 +465,10 @@ class BackbonePass:
 # -- the stage -------------------------------------------------------------------------------
 
 def read_images_once(config, strategy, policy, source, classifier, cut, inputs, cache_folder,
-                     chief, stop_check):
+                     chief, stop_check, starting):
     """Computed: the bad images found and left out, and what the phases train on that one
     pass gives. cache_folder: (folder, how lines name it) where the backbone pass keeps its
-    chunks."""
+    chunks; starting: the phase this process trains first (BackbonePass.run)."""
     store = cache.Store(config.memory_budget_mb * 2**20)
     image_pass = ImagePass(config, strategy, store, stop_check)
     multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -408,11 +480,13 @@ def read_images_once(config, strategy, policy, source, classifier, cut, inputs, 
         backbone = BackbonePass(config, strategy, policy, source, classifier, cut,
                                 cache.SharedCache(*cache_folder), chief, image_pass, multiworker,
                                 bool(config.feature_cache))
-        arrays_of, bad = backbone.run(phases)
+        arrays_of, bad = backbone.run(phases, starting)
         source, kept = _checked(source, bad)
         arrays_of = {phase: [[cache.compact(array, rows) for array in arrays]
                              for arrays, rows in zip(splits, kept)]
                      for phase, splits in arrays_of.items()}
+        arrays_of.update({phase: functools.partial(backbone.read_deferred, phase, bad, kept)
+                          for phase in backbone.deferred})
     if any(not inputs[phase].cached for phase, epochs in (("head", config.epochs),
                                                          ("fine_tune", config.fine_tune_epochs))
            if epochs):

@@ -81,6 +81,13 @@ class Checkpoints:
                                                   max_to_keep=KEEP)
 
 
+def newest_step(directory):
+    """The global step of the newest checkpoint in directory, from its name (saves are numbered
+    by step), without reading it; None when there is none."""
+    prefixes = _prefixes(directory)
+    return int(prefixes[0].rsplit("-", 1)[1]) if prefixes else None
+
+
 def _prefixes(directory):
     """Prefixes of the checkpoints in directory, newest first: those the state file lists and
     those with files, so that one missing a file is still seen (and found damaged)."""

@@ -71,10 +71,11 @@ def phase_inputs(config, cut):
 
 
 def read_images_once(config, strategy, policy, source, classifier, fine_tune_at, run_cache,
-                     chief, stop_check):
+                     chief, stop_check, starting="head"):
     """The PhaseData of a run, after the pass over the images that finds the bad ones and
     computes what the phases train on (caching.py). The backbone pass keeps its chunks in
-    --feature_cache, else in run_cache (--model_dir/cache)."""
+    --feature_cache, else in run_cache (--model_dir/cache). starting: the phase this process
+    trains first, whose inputs are read first when they are kept."""
     cut = fine_tune_cut(config, classifier, fine_tune_at)
     inputs = phase_inputs(config, cut)
     phases = [name for name, epochs in (("head", config.epochs),
@@ -88,7 +89,8 @@ def read_images_once(config, strategy, policy, source, classifier, fine_tune_at,
                     if config.feature_cache else (run_cache, run_cache))
     began = time.time()
     computed, store = caching.read_images_once(config, strategy, policy, source, classifier,
-                                               cut, inputs, cache_folder, chief, stop_check)
+                                               cut, inputs, cache_folder, chief, stop_check,
+                                               starting)
     return PhaseData(config, strategy, computed, classifier, cut, inputs, store,
                      round(time.time() - began, 2))
 
@@ -110,14 +112,24 @@ class PhaseData:
         self._store = store
         self.images_read = computed.from_storage  # by the pass, this time
         self._decoded = computed.decoded  # images decoded once, for the phases that read images
-        self._arrays_of = dict(computed.arrays_of)  # phase: [train, validation] cached inputs
-        images = len(self.source.train) + len(self.source.validation)
-        # Of what the backbone pass cached, all phases.
-        self.cache_bytes_per_image = sum(array.nbytes for splits in self._arrays_of.values()
-                                         for split in splits for array in split) // images
+        # phase: [train, validation] cached inputs, or the function that reads them (when the
+        # pass found them kept: see caching.BackbonePass.run).
+        self._arrays_of = dict(computed.arrays_of)
+        self._bytes_of = {}  # phase: bytes of its cached inputs, once this process has them
+        for phase in self._arrays_of:
+            if not callable(self._arrays_of[phase]):
+                self._note_bytes(phase)
         self._multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        # (model, validation inputs) of the cached phase being trained, for the final report.
-        self._validation = None
+
+    @property
+    def cache_bytes_per_image(self):
+        """Of the cached inputs of the phases this process held."""
+        return sum(self._bytes_of.values()) // (len(self.source.train) +
+                                               len(self.source.validation))
+
+    def _note_bytes(self, phase):
+        self._bytes_of[phase] = sum(array.nbytes for split in self._arrays_of[phase]
+                                    for array in split)
 
     def model(self, phase):
         """What a training step of `phase` runs: the head on features, the top above the cut
@@ -133,12 +145,8 @@ class PhaseData:
         train, batch = self.source.train, self.global_batch
         order = pipelines.train_order(len(train), batch, self.config.seed, first_step, end_step)
         weights = pipelines.train_weights(len(train), batch, first_step, end_step)
-        self._validation = None
         if self.inputs[phase.name].cached:
-            if phase.name == "fine_tune":
-                self._arrays_of.pop("head", None)  # the backbone changes from here on
-            train_inputs, validation_inputs = self._arrays_of[phase.name]
-            self._validation = (self.model(phase), validation_inputs)
+            train_inputs, validation_inputs = self._cached(phase)
             return (self._arrays(train_inputs, train, order, weights),
                     self._validation_data(validation_inputs))
         if self._decoded:
@@ -150,6 +158,16 @@ class PhaseData:
                 train, first_step, end_step, batch, self.config.image_size,
                 self.config.seed, context, self.config.deterministic))
         return stream, self._validation_data()
+
+    def _cached(self, phase):
+        """[train inputs, validation inputs] of a cached phase, read now if they were left
+        until it starts."""
+        if phase.name == "fine_tune":
+            self._arrays_of.pop("head", None)  # the backbone changes from here on
+        if callable(self._arrays_of[phase.name]):
+            self._arrays_of[phase.name] = self._arrays_of[phase.name]()
+            self._note_bytes(phase.name)
+        return self._arrays_of[phase.name]
 
     def _validation_data(self, arrays=None):
         """The validation split, each example once, from arrays of decoded images or cached
@@ -168,11 +186,12 @@ class PhaseData:
             lambda context: pipelines.array_pipeline(arrays, split.labels, order, weights,
                                                      batch, context))
 
-    def predict_validation(self):
-        """Class probabilities of every validation example: from the cached inputs when the
-        run ended in a cached phase, else one pass over the images."""
-        if self._validation is not None:
-            model, arrays = self._validation
+    def predict_validation(self, phase):
+        """Class probabilities of every validation example after `phase`, the run's last: from
+        its cached inputs when it has them (so that a run resumed after its training reads no
+        image), else one pass over the images."""
+        if self.inputs[phase.name].cached:
+            model, arrays = self.model(phase), self._cached(phase)[1]
             # One graph for every batch: called eagerly, layer by layer, the top took 4 s for
             # 5,000 images, three times the epoch's validation.
             predict = tf.function(

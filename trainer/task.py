@@ -91,12 +91,13 @@ def run(config, overwrite=False, dry_run=False):
 
 def _read_images_once(config, run, classifier, fine_tune_at, layout, stop):
     """The pass before training (caching.py), stoppable by a signal: a phase_data.PhaseData."""
-    from trainer import phase_data
+    from trainer import phase_data, train
     multiworker = run.kind == "multiworker"
+    starting = train.starting_phase(run.schedule, layout.checkpoint_dir)
     with stop.caught():
         return phase_data.read_images_once(
             config, run.strategy, run.execution.policy, run.source, classifier, fine_tune_at,
-            layout.cache_dir, run.chief, lambda: stop.between_batches(multiworker))
+            layout.cache_dir, run.chief, lambda: stop.between_batches(multiworker), starting)
 
 
 def _train(config, run, classifier, data, stop, layout, began):

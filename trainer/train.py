@@ -124,9 +124,21 @@ class Schedule:
     def end_step(self, phase):
         return phase.end_epoch * self.steps_per_epoch
 
+    def phase_at(self, step):
+        """The phase that trains from global step `step` on; the last one once all are done."""
+        return next((phase for phase in self.phases if step < self.end_step(phase)),
+                    self.phases[-1])
+
     @property
     def total_steps(self):
         return self.end_step(self.fine_tune)
+
+
+def starting_phase(schedule, checkpoint_dir):
+    """The name of the phase a job trains first: where its newest checkpoint's step (from the
+    file's name) falls in `schedule`. Before the pass over the images, whose bad ones may still
+    shorten the epochs, so only a hint of what to read first (see PhaseData.for_phase)."""
+    return schedule.phase_at(checkpoints.newest_step(checkpoint_dir) or 0).name
 
 
 class Trainer:
@@ -346,7 +358,7 @@ class Trainer:
 
     def predict_validation(self):
         """Class probabilities of every validation example (see PhaseData)."""
-        return self.data.predict_validation()
+        return self.data.predict_validation(self.schedule.phases[-1])
 
 
 def _progress_bar(steps_per_epoch):
