@@ -178,3 +178,20 @@ def test_resumed_record_stream_continues_with_the_same_batches(prepared):
     for (images_a, labels_a), (images_b, labels_b) in zip(whole[4:], resumed):
         np.testing.assert_array_equal(labels_a, labels_b)
         np.testing.assert_allclose(images_a, images_b)
+
+
+def test_no_pipeline_autotunes(prepared):
+    """tf.data's autotuning thread can hold up the freeing of an iterator for up to a minute
+    on a busy machine (pipelines._untuned): every pipeline a job iterates has it off, over
+    image files and over records."""
+    source, output, _ = prepared
+    context = tf.distribute.InputContext()
+    datasets = [pipelines.array_pipeline([np.zeros((8, 2), np.float32)], np.zeros(8, np.int32),
+                                         *pipelines.evaluation_order(8, 4), 4, context)]
+    for split in (sources.scan(source).train, sources.scan(output).train):
+        rows = np.arange(len(split))
+        datasets += [pipelines.pipeline(split, *pipelines.evaluation_order(len(split), 4), 4, 16,
+                                        context),
+                     pipelines.image_pass(split, rows, 4, 16, 10**8, context),
+                     pipelines.training_pipeline(split, 0, 3, 4, 16, 0, context)]
+    assert [dataset.options().autotune.enabled for dataset in datasets] == [False] * 7

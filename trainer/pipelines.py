@@ -10,6 +10,7 @@ Evaluation pads the same way and gives the padding weight 0.
 """
 
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +25,23 @@ AUTOTUNE = tf.data.AUTOTUNE
 # the cores, would keep about as many reads in flight as there are cores. Each holds a read
 # buffer of GCS_READ_CACHE_BLOCK_SIZE_MB (see trainer/__init__.py).
 REMOTE_READS = 16
+
+
+def _untuned(dataset):
+    """The dataset with tf.data's autotuning off: AUTOTUNE parallelism is then the number of
+    cores, and prefetch buffers still grow when the consumer waits.
+
+    Autotuning runs a thread per iterator that sleeps between optimisations, up to 60 s as the
+    iterator ages, and freeing the iterator waits for that thread. TensorFlow wakes it before
+    marking the iterator cancelled, so on a loaded machine it can miss the wake-up and sleep
+    on: a job sat up to 40 s after its last epoch (docs/benchmarks.md). On a CPU host
+    autotuning gains nothing here: each map call decodes a whole batch, and the cores are the
+    limit either way."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    # The default, 16, would leave a large TPU host's cores idle.
+    options.autotune.initial_parallelism = os.cpu_count()
+    return dataset.with_options(options)
 
 
 # -- decoding --------------------------------------------------------------------------------
@@ -150,7 +168,7 @@ def pipeline(split, order, weights, global_batch, image_size, context, determini
     # Shuffling was done on the file list (train_order); by default the parallel map keeps
     # that order, which exact resume and row-indexed outputs (features) rely on.
     dataset = dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return dataset.prefetch(AUTOTUNE)
+    return _untuned(dataset.prefetch(AUTOTUNE))
 
 
 def image_pass(split, rows, global_batch, image_size, max_pixels, context):
@@ -191,7 +209,7 @@ def image_pass(split, rows, global_batch, image_size, max_pixels, context):
     if not split.is_stream:  # a damaged shard is an error to report, not an image to skip
         dataset = dataset.ignore_errors()
     dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat()).take(len(mine))
-    return dataset.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+    return _untuned(dataset.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE))
 
 
 def _pixels(contents):
@@ -236,7 +254,7 @@ def array_pipeline(arrays, labels, order, weights, global_batch, context):
         batch_labels.set_shape([per_replica])
         return rows[0] if len(rows) == 1 else tuple(rows), batch_labels, batch_weights
 
-    return dataset.map(gather).prefetch(AUTOTUNE)
+    return _untuned(dataset.map(gather).prefetch(AUTOTUNE))
 
 
 # -- streams of records for training ---------------------------------------------------------
@@ -334,4 +352,4 @@ def training_pipeline(split, first_step, end_step, global_batch, image_size, see
     # buffer (it reads up to 4096 records before handing out the first).
     dataset = stream.prefetch(4 * per_step).map(
         load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return dataset.prefetch(AUTOTUNE)
+    return _untuned(dataset.prefetch(AUTOTUNE))
