@@ -21,8 +21,8 @@ from trainer import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Reads of remote files in flight at once. Each waits tens of milliseconds on the network and
-# takes little CPU, so many overlap; tf.data's autotuner, which sizes a map's parallelism to
-# the cores, would keep about as many reads in flight as there are cores. Each holds a read
+# takes little CPU, so many overlap; AUTOTUNE, which sizes a map's parallelism to the cores
+# (_untuned), would keep only as many reads in flight as there are cores. Each holds a read
 # buffer of GCS_READ_CACHE_BLOCK_SIZE_MB (see trainer/__init__.py).
 REMOTE_READS = 16
 
